@@ -1,0 +1,148 @@
+"""Variable-length (packed) self-attention backends.
+
+All take q, k, v of shape [T, H, D] (T packed tokens, H heads, D head dim), int32 cu_seqlens
+[B+1] and the longest sequence as a host int, and return [T, H, D] in q's dtype. No backend
+attends across sequence boundaries and none is causal (ESM-2 is bidirectional).
+
+  "fa4"         flash_attn.cute.flash_attn_varlen_func (FlashAttention-4, when installed)
+  "flash_attn"  flash_attn.flash_attn_varlen_func (Dao-AILab FlashAttention-2, when installed)
+  "torch_flash" torch.nn.attention.varlen.varlen_attn (PyTorch's bundled FlashAttention-2)
+  "sdpa"        scaled_dot_product_attention: on CUDA one call on jagged nested tensors,
+                restricted to the memory-efficient and math kernels (never a flash kernel in
+                disguise; the fp32-on-GPU path); on CPU dense SDPA per sequence.
+
+Requesting a backend that cannot run raises BackendUnavailableError: never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BackendUnavailableError
+
+BACKENDS = ("fa4", "flash_attn", "torch_flash", "sdpa")
+# "auto" tries these in order on CUDA with fp16/bf16; everything else uses "sdpa".
+AUTO_ORDER_HALF = ("fa4", "flash_attn", "torch_flash", "sdpa")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Substrings of CUDA kernel names that prove a flash kernel ran (see verify_flashattention_active).
+FLASH_KERNEL_MARKERS = {
+    "torch_flash": ("flash_fwd",),
+    "flash_attn": ("flash_fwd",),
+    "fa4": ("flash", "FlashAttention"),
+}
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `name` cannot run on this device/dtype here, or None when it can."""
+    if name not in BACKENDS:
+        return f"unknown attention backend {name!r}; choose one of {BACKENDS} or 'auto'"
+    if name == "sdpa":
+        return None
+    if device.type != "cuda":
+        return f"{name} needs a CUDA device (got {device.type})"
+    if dtype not in HALF_DTYPES:
+        return f"{name} runs fp16/bf16 only (got {str(dtype).replace('torch.', '')}); use 'sdpa' for fp32"
+    major, _ = torch.cuda.get_device_capability(device)
+    if name == "torch_flash":
+        if not _has_module("torch.nn.attention.varlen"):
+            return "torch.nn.attention.varlen is missing (needs torch >= 2.10)"
+        if major < 8:
+            return "PyTorch's flash kernels need compute capability >= 8.0"
+        return None
+    if name == "flash_attn":
+        if not _has_module("flash_attn"):
+            return "flash-attn is not installed (pip install 'esmflash[flash]')"
+        return None if major >= 8 else "flash-attn needs compute capability >= 8.0"
+    if name == "fa4":
+        if not _has_module("flash_attn.cute"):
+            return "flash-attn-4 (flash_attn.cute) is not installed"
+        return None if major >= 9 else "FlashAttention-4 needs compute capability >= 9.0"
+    return None
+
+
+def available_backends(device: torch.device | str, dtype: torch.dtype) -> list[str]:
+    """Backends that can run here for this device and dtype, fastest first."""
+    device = torch.device(device)
+    return [b for b in AUTO_ORDER_HALF if backend_unavailable_reason(b, device, dtype) is None]
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The concrete backend for `name` ("auto" picks the fastest available); raises
+    BackendUnavailableError when the named one cannot run."""
+    device = torch.device(device)
+    if name == "auto":
+        return available_backends(device, dtype)[0]
+    reason = backend_unavailable_reason(name, device, dtype)
+    if reason is not None:
+        raise BackendUnavailableError(f"attention backend {name!r} unavailable: {reason}")
+    return name
+
+
+def _sdpa_packed(q, k, v, cu_seqlens, max_seqlen, scale):
+    """CUDA: one SDPA call on jagged nested tensors (varlen memory-efficient kernel; flash is
+    excluded). CPU: dense SDPA per sequence (the jagged CPU path is ~20x slower)."""
+    if not q.is_cuda:
+        bounds = cu_seqlens.tolist()
+        outs = [
+            F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), scale=scale
+            ).transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+        return torch.cat(outs)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    offsets = cu_seqlens.to(torch.int64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*nested tensors is in prototype.*")
+        qn, kn, vn = (
+            torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets, max_seqlen=max_seqlen).transpose(1, 2)
+            for t in (q, k, v)
+        )
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        out = F.scaled_dot_product_attention(qn, kn, vn, scale=scale)
+    return out.transpose(1, 2).values()
+
+
+def varlen_attention(
+    backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> torch.Tensor:
+    """Bidirectional attention within each packed sequence: [T, H, D] -> [T, H, D]."""
+    if backend == "torch_flash":
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale
+        )
+    if backend == "fa4":
+        from flash_attn.cute import flash_attn_varlen_func as fa4_varlen
+
+        out = fa4_varlen(
+            q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+            max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, softmax_scale=scale,
+        )
+        return out[0] if isinstance(out, tuple) else out
+    if backend == "sdpa":
+        return _sdpa_packed(q, k, v, cu_seqlens, max_seqlen, scale)
+    raise BackendUnavailableError(f"unknown attention backend {backend!r}")
