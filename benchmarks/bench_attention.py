@@ -22,7 +22,7 @@ class AttentionBackends:
     version = common.BENCH_VERSION
     timeout = 600
     number = 1
-    repeat = (5, 25, 4.0)
+    repeat = common.REPEAT
     rounds = 1
     warmup_time = 0
 

@@ -17,7 +17,7 @@ class ForwardPacked:
     version = common.BENCH_VERSION
     timeout = 600
     number = 1
-    repeat = (5, 25, 6.0)
+    repeat = common.REPEAT
     rounds = 1
     warmup_time = 0
 

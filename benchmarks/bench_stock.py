@@ -17,7 +17,7 @@ class StockForward:
     version = common.BENCH_VERSION
     timeout = 600
     number = 1
-    repeat = (3, 15, 6.0)
+    repeat = common.REPEAT
     rounds = 1
     warmup_time = 0
 

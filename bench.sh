@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The main job: set up, run esmflash's asv suite on the current commit, publish html/.
+#
+#   bash bench.sh                    # fresh machine: installs asv, runs the tier that fits the
+#                                    # hardware (GPU models on a GPU, CPU models elsewhere)
+#   ESMFLASH_ASV_ENV=same bash bench.sh   # GPU host with a CUDA torch already installed: run in
+#                                    # this Python instead of a per-commit virtualenv
+#
+# Results go to results/<machine>/, the static site to html/ (open html/index.html through a
+# web server: `python -m http.server -d html`).
+set -euo pipefail
+cd "$(dirname "$0")"
+python3 -m pip install -q "asv==0.6.6" virtualenv
+machine=$(python3 tools/asv_machine.py)
+tier=$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.TIER)')
+select=$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.TIER_SELECTION[common.TIER])')
+echo "esmflash bench: machine=$machine tier=$tier commit=$(git rev-parse --short HEAD)"
+start=$(date +%s)
+status=0
+if [ "${ESMFLASH_ASV_ENV:-virtualenv}" = same ]; then
+    python3 -m pip install -q --no-deps -e .
+    python3 -m asv run --python=same --set-commit-hash "$(git rev-parse HEAD)" \
+        --machine "$machine" -b "$select" --show-stderr "$@" || status=$?
+else
+    python3 -m asv run "HEAD^!" --machine "$machine" -b "$select" --show-stderr "$@" || status=$?
+fi
+echo "esmflash bench: suite took $(( $(date +%s) - start )) s (asv exit status $status)"
+python3 -m asv publish
+echo "esmflash bench: published $(pwd)/html/index.html (view: python3 -m http.server -d html, then open http://localhost:8000)"
+exit $status

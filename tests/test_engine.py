@@ -1,0 +1,479 @@
+"""The packed ESM-2 engine against stock fair-esm, on CPU in fp32, with real (seeded random or
+checkpoint) weights: forward equivalence, packing independence, checkpoint loading, precision
+wiring, attention backend selection, numerical checks and FLOP counts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+import esm
+import pytest
+import torch
+from esm.model.esm2 import ESM2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from esmflash import (
+    BackendUnavailableError,
+    FlashAttentionNotActiveError,
+    NumericalError,
+    available_backends,
+    cast_model,
+    compare_to_reference,
+    load_esm2_model,
+    pack_sequences,
+    relative_errors,
+    resolve_backend,
+    verify_flashattention_active,
+)
+from esmflash.attention import varlen_attention
+from esmflash.embed import split_per_sequence
+from esmflash.models import find_checkpoint
+from esmflash.packing import build_batch, prepare_segments
+from esmflash.perf import forward_flops
+
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+TOL = 1e-5
+MODELS = ["esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D"]
+
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode():
+    with torch.no_grad():
+        yield
+
+
+# ----------------------------------------------------------------------------- fixtures & helpers
+
+
+def _load(name: str, **kw):
+    """A released name with seeded random weights: hide any real checkpoint on this machine."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("ESMFLASH_WEIGHTS", raising=False)
+        mp.setenv("TORCH_HOME", "/nonexistent-esmflash-test-hub")
+        return load_esm2_model(name, **{"precision": "fp32", "device": "cpu", **kw})
+
+
+@pytest.fixture(scope="module")
+def model8():
+    return _load("esm2_t6_8M_UR50D")[0]
+
+
+@pytest.fixture(scope="module")
+def model35():
+    return _load("esm2_t12_35M_UR50D")[0]
+
+
+@pytest.fixture(scope="module")
+def models(model8, model35):
+    return {"esm2_t6_8M_UR50D": model8, "esm2_t12_35M_UR50D": model35}
+
+
+def random_protein(rng: random.Random, n: int, mask_rate: float = 0.0) -> str:
+    return "".join("<mask>" if rng.random() < mask_rate else rng.choice(AMINO_ACIDS) for _ in range(n))
+
+
+def stock_forward(model, records, repr_layers) -> dict[str, dict]:
+    """Stock fair-esm padded forward (ESM2.forward on BatchConverter tokens) of `records` as one
+    padded batch: {id: {"logits": [n, 33], layer: [n, D]}} over each sequence's real tokens."""
+    _, _, tokens = model.alphabet.get_batch_converter()(records)
+    out = model(tokens, repr_layers=list(repr_layers))
+    result = {}
+    for row, (seq_id, _) in enumerate(records):
+        n = int((tokens[row] != model.alphabet.padding_idx).sum())
+        per = {"logits": out["logits"][row, :n]}
+        per.update({l: out["representations"][l][row, :n] for l in repr_layers})
+        result[seq_id] = per
+    return result
+
+
+def stock_reference(model, records, repr_layers, alone_over: int = 120) -> dict[str, dict]:
+    """Stock outputs: sequences longer than `alone_over` residues run alone (no padding), the
+    short ones together in one padded batch (the stock padded path)."""
+    ref = {}
+    short = [r for r in records if len(model.alphabet.encode(r[1])) <= alone_over]
+    if short:
+        ref.update(stock_forward(model, short, repr_layers))
+    for r in records:
+        if r not in short:
+            ref.update(stock_forward(model, [r], repr_layers))
+    return ref
+
+
+def packed_forward(model, batches, repr_layers) -> dict[str, dict]:
+    """forward_packed over batches, cut per sequence (BOS/EOS included): {id: {key: [n, ...]}}."""
+    result = {}
+    for batch in batches:
+        out = model.forward_packed(batch, repr_layers=repr_layers, return_logits=True)
+        tensors = {"logits": out["logits"], **out["representations"]}
+        pieces = {k: split_per_sequence(v, batch, residues_only=False) for k, v in tensors.items()}
+        for j, seg in enumerate(batch.segments):
+            result[seg.id] = {k: pieces[k][j] for k in tensors}
+    return result
+
+
+def assert_close(out: dict, ref: dict, keys, tol: float = TOL, what: str = "") -> float:
+    worst = 0.0
+    assert set(out) == set(ref)
+    for seq_id in ref:
+        for k in keys:
+            a, b = out[seq_id][k], ref[seq_id][k]
+            assert a.shape == b.shape, f"{what} {seq_id} {k}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+            err = relative_errors(a, b)[0]
+            worst = max(worst, err)
+            assert err <= tol, f"{what} sequence {seq_id!r} output {k!r}: max rel err {err:.2e} > {tol:.0e}"
+    return worst
+
+
+# ----------------------------------------------------------------------------- forward == stock fair-esm
+
+
+def acceptance_records() -> list[tuple[str, str]]:
+    rng = random.Random(2024)
+    return [
+        ("len1", random_protein(rng, 1)),
+        ("len2", random_protein(rng, 2)),
+        ("len1022", random_protein(rng, 1022)),
+        ("mask-only", "<mask>"),
+        ("masked37", random_protein(rng, 37, mask_rate=0.25)),
+        ("masked150", random_protein(rng, 150, mask_rate=0.05)),
+        ("half-masked", "<mask>A<mask>C" * 5),
+        ("len90", random_protein(rng, 90)),
+    ]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def acceptance(request, models):
+    """Packed and stock outputs of one model on the acceptance batch (computed once)."""
+    model = models[request.param]
+    records = acceptance_records()
+    layers = sorted({0, 3, model.num_layers // 2, model.num_layers})
+    batches = pack_sequences(records, model.alphabet, max_tokens=4096)
+    assert len(batches) == 1  # 1 and 1022 residues side by side in one packed batch
+    return {
+        "model": model,
+        "layers": layers,
+        "packed": packed_forward(model, batches, layers),
+        "stock": stock_reference(model, records, layers),
+    }
+
+
+def test_last_layer_matches_stock(acceptance):
+    L = acceptance["model"].num_layers
+    assert_close(acceptance["packed"], acceptance["stock"], [L], what=acceptance["model"].model_name)
+
+
+def test_logits_match_stock(acceptance):
+    assert_close(acceptance["packed"], acceptance["stock"], ["logits"], what=acceptance["model"].model_name)
+    for per in acceptance["packed"].values():
+        assert per["logits"].shape[-1] == len(acceptance["model"].alphabet.all_toks)
+
+
+def test_intermediate_layers_match_stock(acceptance):
+    assert_close(acceptance["packed"], acceptance["stock"], acceptance["layers"], what=acceptance["model"].model_name)
+
+
+def test_token_dropout_rescales_per_sequence(model8):
+    """Layer 0 (embeddings after token dropout) by hand: mask rows zero, others scaled by
+    0.88 / (1 - masked fraction of that sequence's tokens incl. BOS/EOS)."""
+    records = [("none", "ACDE"), ("some", "A<mask>C<mask>"), ("all", "<mask><mask>")]
+    batch = pack_sequences(records, model8.alphabet, 100)[0]
+    rep = model8.forward_packed(batch, repr_layers=[0])["representations"][0]
+    for seg, x in zip(batch.segments, split_per_sequence(rep, batch, residues_only=False)):
+        toks = batch.input_ids[batch.seq_index == batch.segments.index(seg)]
+        is_mask = toks == model8.alphabet.mask_idx
+        scale = 0.88 / (1 - is_mask.sum().item() / toks.numel())
+        expected = model8.embed_tokens(toks) * model8.embed_scale * scale
+        expected[is_mask] = 0
+        assert relative_errors(x, expected)[0] <= 1e-6, seg.id
+
+
+def test_exact_budget_batches_match_stock(model8):
+    """Many small batches (max_tokens=1024: the 1022-residue sequence fills one exactly)."""
+    records = acceptance_records()
+    batches = pack_sequences(records, model8.alphabet, max_tokens=1024)
+    assert max(b.num_tokens for b in batches) == 1024 and len(batches) >= 2
+    L = model8.num_layers
+    assert_close(packed_forward(model8, batches, [L]), stock_reference(model8, records, [L]), [L, "logits"])
+
+
+# ----------------------------------------------------------------------------- property-based
+
+
+@st.composite
+def packed_problem(draw):
+    """1..8 sequences, lengths 1..1022 biased short, '<mask>' now and then, a random budget."""
+    n = draw(st.integers(1, 8))
+    records = []
+    for i in range(n):
+        kind = draw(st.sampled_from(["short"] * 6 + ["mid"] * 3 + ["long"]))
+        length = draw({"short": st.integers(1, 24), "mid": st.integers(1, 200), "long": st.integers(200, 1022)}[kind])
+        mask_rate = draw(st.sampled_from([0.0, 0.0, 0.1, 0.4]))
+        seed = draw(st.integers(0, 2**32 - 1))
+        records.append((f"s{i}", random_protein(random.Random(seed), length, mask_rate)))
+    longest = max(len(esm.data.Alphabet.from_architecture("ESM-1b").encode(s)) for _, s in records)
+    max_tokens = longest + 2 + draw(st.integers(0, 1500))
+    permutation = draw(st.permutations(range(n)))
+    return records, max_tokens, permutation
+
+
+def _check_packed_problem(model, problem):
+    records, max_tokens, permutation = problem
+    L = model.num_layers
+    # packing 1: best-fit decreasing under a random budget
+    batches = pack_sequences(records, model.alphabet, max_tokens)
+    out_a = packed_forward(model, batches, [L])
+    # packing 2: everything in one batch, in a random order (different neighbours and offsets)
+    segments = prepare_segments(records, model.alphabet, max_tokens=10**9)
+    out_b = packed_forward(model, [build_batch([segments[i] for i in permutation], model.alphabet)], [L])
+    ref = stock_reference(model, records, [L])
+    assert_close(out_a, ref, [L, "logits"], what="packing 1 vs stock:")
+    assert_close(out_b, ref, [L, "logits"], what="packing 2 vs stock:")
+    assert_close(out_a, out_b, [L, "logits"], what="packing 1 vs packing 2:")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(problem=packed_problem())
+def test_property_packed_matches_stock_8m(model8, problem):
+    _check_packed_problem(model8, problem)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(problem=packed_problem())
+def test_property_packed_matches_stock_35m(model35, problem):
+    _check_packed_problem(model35, problem)
+
+
+def test_sdpa_varlen_attention_against_explicit_softmax():
+    """The CPU varlen kernel never attends across boundaries: compare with fp64 softmax attention."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 1, 17, 64, 5]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    t, h, d = sum(lengths), 4, 16
+    q, k, v = (torch.randn(t, h, d, generator=g) for _ in range(3))
+    out = varlen_attention("sdpa", q, k, v, cu, max(lengths), d**-0.5)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qq, kk, vv = (x[a:b].double().transpose(0, 1) for x in (q, k, v))
+        ref = torch.softmax(qq @ kk.transpose(1, 2) * d**-0.5, dim=-1) @ vv
+        assert relative_errors(out[a:b], ref.transpose(0, 1))[0] <= 1e-6
+
+
+# ----------------------------------------------------------------------------- checkpoints & loading
+
+
+def _tiny_checkpoint(path, seed: int = 0):
+    torch.manual_seed(seed)
+    stock = ESM2(num_layers=2, embed_dim=64, attention_heads=4)
+    cfg = argparse.Namespace(encoder_layers=2, encoder_embed_dim=64, encoder_attention_heads=4, token_dropout=True)
+    torch.save({"cfg": {"model": cfg}, "model": {"encoder." + k: v for k, v in stock.state_dict().items()}}, path)
+    return stock
+
+
+def test_tiny_real_checkpoint_loads_and_matches_stock(tmp_path):
+    path = tmp_path / "esm2_t2_tiny.pt"
+    _tiny_checkpoint(path)
+    model, alphabet = load_esm2_model(path, precision="fp32", device="cpu")
+    assert model.weights_source == f"checkpoint:{path}"
+    assert model.model_name == "esm2_t2_tiny" and model.precision == "fp32" and model.attention_backend == "sdpa"
+    stock, stock_alphabet = esm.pretrained.load_model_and_alphabet_core(
+        "esm2_t2_tiny", torch.load(path, map_location="cpu", weights_only=False)
+    )
+    stock = stock.eval()
+    assert alphabet.all_toks == stock_alphabet.all_toks
+    ours, theirs = model.state_dict(), stock.state_dict()
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        assert torch.equal(ours[k], theirs[k]), k
+    rng = random.Random(9)
+    records = [("a", random_protein(rng, 40)), ("b", "M<mask>KT"), ("c", "W"), ("d", random_protein(rng, 200, 0.1))]
+    L = model.num_layers
+    batches = pack_sequences(records, alphabet, max_tokens=512)
+    assert_close(packed_forward(model, batches, [0, 1, L]), stock_reference(stock, records, [0, 1, L]), [0, 1, L, "logits"])
+
+
+def test_find_checkpoint_uses_esmflash_weights(tmp_path, monkeypatch):
+    name = "esm2_t6_8M_UR50D"
+    hub = tmp_path / "hub"
+    (hub / "hub" / "checkpoints").mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(hub))
+    monkeypatch.delenv("ESMFLASH_WEIGHTS", raising=False)
+    assert find_checkpoint(name) is None
+    hub_file = hub / "hub" / "checkpoints" / f"{name}.pt"
+    hub_file.write_bytes(b"")
+    assert find_checkpoint(name) == hub_file
+    first, second = tmp_path / "w1", tmp_path / "w2"
+    first.mkdir(), second.mkdir()
+    mine = second / f"{name}.pt"
+    _tiny_checkpoint(mine)
+    monkeypatch.setenv("ESMFLASH_WEIGHTS", f"{first}{os.pathsep}{second}")
+    assert find_checkpoint(name) == mine  # ESMFLASH_WEIGHTS wins over the hub cache
+    assert find_checkpoint("esm2_t12_35M_UR50D") is None
+
+
+def test_random_init_records_seed_and_is_reproducible(model8):
+    assert model8.weights_source == "random-init:seed=0" and model8.model_name == "esm2_t6_8M_UR50D"
+    again, _ = _load("esm2_t6_8M_UR50D", seed=0)
+    other, _ = _load("esm2_t6_8M_UR50D", seed=1)
+    assert other.weights_source == "random-init:seed=1"
+    a, b, c = model8.state_dict(), again.state_dict(), other.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["embed_tokens.weight"], c["embed_tokens.weight"])
+    assert not torch.equal(a["layers.0.fc1.weight"], c["layers.0.fc1.weight"])
+    assert (model8.num_layers, model8.embed_dim, model8.attention_heads) == (6, 320, 20)
+
+
+def test_loader_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="precision"):
+        load_esm2_model("esm2_t6_8M_UR50D", precision="fp8", device="cpu")
+    with pytest.raises(ValueError, match="neither a released ESM-2 name"):
+        load_esm2_model(tmp_path / "missing.pt", precision="fp32", device="cpu")
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": 1}, junk)
+    with pytest.raises(ValueError, match="not a fair-esm checkpoint"):
+        load_esm2_model(junk, precision="fp32", device="cpu")
+
+
+# ----------------------------------------------------------------------------- precision wiring
+
+
+def test_bf16_on_cpu(model8):
+    bf16, _ = _load("esm2_t6_8M_UR50D", precision="bf16")
+    assert bf16.precision == "bf16" and bf16.dtype == torch.bfloat16 and bf16.attention_backend == "sdpa"
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    # same seed, same weights: the fp32 weights rounded to bf16
+    assert torch.equal(bf16.layers[0].fc1.weight, model8.layers[0].fc1.weight.to(torch.bfloat16))
+    cos, sin = bf16.rotary_tables(torch.arange(1024))
+    assert cos.dtype == sin.dtype == torch.float32
+    ref_cos, ref_sin = model8.rotary_tables(torch.arange(1024))
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+
+    fp32 = cast_model(bf16, "fp32")
+    assert fp32.dtype == torch.float32 and fp32.precision == "fp32" and bf16.dtype == torch.bfloat16
+    assert torch.equal(fp32.layers[0].fc1.weight, bf16.layers[0].fc1.weight.float())
+    rng = random.Random(4)
+    records = [(f"s{i}", random_protein(rng, n, 0.05)) for i, n in enumerate([1, 30, 250, 400])]
+    batches = pack_sequences(records, bf16.alphabet, 512)
+    L = bf16.num_layers
+    for batch in batches:
+        out = bf16.forward_packed(batch, repr_layers=[L], return_logits=True)
+        assert out["representations"][L].dtype == torch.bfloat16
+        ref = fp32.forward_packed(batch, repr_layers=[L])["representations"][L]
+        assert relative_errors(out["representations"][L], ref)[1] < 2e-2
+    cmp = compare_to_reference(bf16, fp32, batches)
+    assert cmp.num_sequences == len(records)
+    assert cmp.mean_rel_err < 2e-2 and cmp.min_cosine > 0.99
+
+
+# ----------------------------------------------------------------------------- attention backends
+
+
+def test_auto_backend_is_sdpa_on_cpu(model8):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert resolve_backend("auto", "cpu", dtype) == "sdpa"
+        assert available_backends("cpu", dtype) == ["sdpa"]
+    assert model8.attention_backend == "sdpa"
+    assert model8.set_attention_backend("sdpa") == "sdpa"
+
+
+@pytest.mark.parametrize("name", ["torch_flash", "flash_attn", "fa4"])
+def test_flash_backends_unavailable_on_cpu(model8, name):
+    with pytest.raises(BackendUnavailableError, match=name):
+        resolve_backend(name, "cpu", torch.bfloat16)
+    with pytest.raises(BackendUnavailableError, match=name):
+        model8.set_attention_backend(name)
+    assert model8.attention_backend == "sdpa"  # a refused backend leaves the model unchanged
+    with pytest.raises(BackendUnavailableError, match=name):
+        _load("esm2_t6_8M_UR50D", precision="bf16", attention=name)
+
+
+def test_unknown_backend_raises(model8):
+    with pytest.raises(BackendUnavailableError, match="unknown attention backend 'xformers'"):
+        resolve_backend("xformers", "cpu", torch.float32)
+    with pytest.raises(BackendUnavailableError, match="xformers"):
+        model8.set_attention_backend("xformers")
+    q = torch.zeros(3, 1, 4)
+    with pytest.raises(BackendUnavailableError, match="unknown attention backend"):
+        varlen_attention("xformers", q, q, q, torch.tensor([0, 3], dtype=torch.int32), 3, 0.5)
+
+
+def test_verify_flashattention_active_refuses_cpu(model8):
+    with pytest.raises(FlashAttentionNotActiveError, match="cpu"):
+        verify_flashattention_active(model8)
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+NUMERIC_RECORDS = [("clean-1", "ACDEFGHIKLMNPQRSTVY"), ("poisoned", "MKTWAYIAKQR"), ("clean-2", "GSHMLEDPVA")]
+
+
+def test_numerical_error_names_layer_and_sequence(model8):
+    poisoned = cast_model(model8, "fp32")  # a deep copy: the shared fixture stays clean
+    w = poisoned.alphabet.get_idx("W")  # only "poisoned" contains W
+    poisoned.embed_tokens.weight[w] = float("inf")
+    batch = pack_sequences(NUMERIC_RECORDS, poisoned.alphabet, 1024)[0]
+    assert batch.num_sequences == 3
+    with pytest.raises(NumericalError) as info:
+        poisoned.forward_packed(batch, check_layers=True)
+    assert info.value.where == "layer 1" and info.value.seq_ids == ["poisoned"]
+    assert "after layer 1 in sequence(s) 'poisoned'" in str(info.value) and "clean" not in str(info.value)
+    # without per-layer checks the always-on output check still names the sequence
+    with pytest.raises(NumericalError, match="final layer norm.*'poisoned'$") as info:
+        poisoned.forward_packed(batch)
+    assert info.value.seq_ids == ["poisoned"]
+    # the LM head's output projection is tied to embed_tokens: the Inf row makes the 'W' logit
+    # of every token Inf, so the logits check rightly names every sequence of the batch
+    with pytest.raises(NumericalError, match=r"lm_head \(logits\)") as info:
+        poisoned.forward_packed(batch, return_logits=True)
+    assert info.value.seq_ids == [s.id for s in batch.segments]
+    # the same batch without the poisoned sequence is fine
+    clean = pack_sequences([NUMERIC_RECORDS[0], NUMERIC_RECORDS[2]], poisoned.alphabet, 1024)[0]
+    out = poisoned.forward_packed(clean, check_layers=True)["representations"]
+    assert out == {}
+
+
+def test_numerical_error_in_a_later_layer_names_it(model8):
+    broken = cast_model(model8, "fp32")
+    broken.layers[3].fc2.bias[0] = float("nan")  # hits every token from layer 4 on
+    batch = pack_sequences(NUMERIC_RECORDS, broken.alphabet, 1024)[0]
+    with pytest.raises(NumericalError) as info:
+        broken.forward_packed(batch, check_layers=True)
+    assert info.value.where == "layer 4"
+    assert sorted(info.value.seq_ids) == sorted(r[0] for r in NUMERIC_RECORDS)
+
+
+def test_compare_to_reference_of_model_against_itself(model8):
+    rng = random.Random(8)
+    records = [(f"s{i}", random_protein(rng, n)) for i, n in enumerate([1, 2, 50, 300])]
+    batches = pack_sequences(records, model8.alphabet, 512)
+    cmp = compare_to_reference(model8, model8, batches)
+    assert cmp.max_rel_err == 0.0 and cmp.mean_rel_err == 0.0
+    assert cmp.min_cosine == pytest.approx(1.0, abs=1e-6) and cmp.mean_cosine == pytest.approx(1.0, abs=1e-6)
+    assert cmp.num_sequences == 4 and set(cmp.as_dict()) == {
+        "max_rel_err", "mean_rel_err", "min_cosine", "mean_cosine", "num_sequences"}
+
+
+def test_repr_layers_out_of_range(model8):
+    batch = pack_sequences([("a", "ACD")], model8.alphabet, 64)[0]
+    with pytest.raises(ValueError, match="out of range"):
+        model8.forward_packed(batch, repr_layers=[7])
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def test_forward_flops_650m_by_hand():
+    L, d, t = 33, 1280, 128
+    # per token: L * (24 d^2 + 4 T d) + 2 d^2 + 66 d
+    per_token = 33 * (24 * 1280**2 + 4 * 128 * 1280) + 2 * 1280**2 + 66 * 1280
+    assert per_token == 1_322_600_960
+    flops = forward_flops([t], L, d, lm_head=True)
+    assert flops == pytest.approx(t * per_token, rel=1e-12)
+    assert flops / t == pytest.approx(1.32e9, rel=0.01)
+    # no LM head; additive over sequences
+    assert forward_flops([t], L, d) == pytest.approx(t * 33 * (24 * d * d + 4 * t * d))
+    assert forward_flops([3, 128, 1024], L, d) == pytest.approx(sum(forward_flops([n], L, d) for n in (3, 128, 1024)))
+    assert forward_flops([], L, d) == 0.0

@@ -1,0 +1,324 @@
+"""Token-budget packing: invariants of PackedBatch, residue coverage, long-sequence policies,
+packing efficiency, and the mapping of results back to input order (CPU only, real numbers)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from esm.data import Alphabet
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from esmflash import (
+    DuplicateIdError,
+    EmptySequenceError,
+    InvalidSequenceError,
+    SequenceTooLongError,
+    TokenBudgetError,
+    embed,
+    load_esm2_model,
+    pack_sequences,
+    relative_errors,
+)
+from esmflash.embed import split_per_sequence
+from esmflash.packing import MAX_RESIDUES, build_batch, prepare_segments, tokenize
+
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+ALPHABET = Alphabet.from_architecture("ESM-1b")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def random_protein(rng: random.Random, n: int, mask_rate: float = 0.0) -> str:
+    """n residues of the 20 standard amino acids; each is '<mask>' with probability mask_rate."""
+    return "".join("<mask>" if rng.random() < mask_rate else rng.choice(AMINO_ACIDS) for _ in range(n))
+
+
+def check_batch(batch, max_tokens: int) -> list[list[int]]:
+    """Assert every structural invariant of one PackedBatch; return each segment's residue ids."""
+    ids, cu = batch.input_ids, batch.cu_seqlens
+    t, b = ids.numel(), batch.num_sequences
+    assert ids.dtype == torch.int64 and ids.dim() == 1
+    assert cu.dtype == torch.int32 and cu.shape == (b + 1,)
+    assert b >= 1 and t == batch.num_tokens
+    assert t <= max_tokens, f"batch of {t} tokens over max_tokens={max_tokens}"
+    assert cu[0].item() == 0 and cu[-1].item() == t
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    assert lengths == batch.lengths == [s.length + 2 for s in batch.segments]
+    assert all(n >= 3 for n in lengths)
+    assert batch.max_seqlen == max(lengths) and isinstance(batch.max_seqlen, int)
+    assert batch.positions.dtype == torch.int64 and batch.seq_index.dtype == torch.int64
+    expected_pos = torch.cat([torch.arange(n) for n in lengths])
+    assert torch.equal(batch.positions, expected_pos), "positions must restart at 0 at each boundary"
+    expected_idx = torch.repeat_interleave(torch.arange(b), torch.tensor(lengths))
+    assert torch.equal(batch.seq_index, expected_idx)
+    starts, ends = cu[:-1].long(), cu[1:].long() - 1
+    assert (ids[starts] == ALPHABET.cls_idx).all(), "BOS must open every sequence"
+    assert (ids[ends] == ALPHABET.eos_idx).all(), "EOS must close every sequence"
+    residues: list[list[int]] = []
+    specials = {ALPHABET.cls_idx, ALPHABET.eos_idx, ALPHABET.padding_idx, ALPHABET.unk_idx}
+    for piece in split_per_sequence(ids, batch, residues_only=True):
+        toks = piece.tolist()
+        assert not specials & set(toks), "no BOS/EOS/pad/unk inside a sequence"
+        residues.append(toks)
+    assert batch.ids == [s.id for s in batch.segments]
+    return residues
+
+
+def reconstruct(batches, num_inputs: int, max_tokens: int) -> list[list[int]]:
+    """Residue ids of every input, rebuilt from the batches' input_ids via their segments;
+    asserts every piece is used once and the pieces of a sequence are consecutive."""
+    pieces: list[list[tuple[int, list[int]]]] = [[] for _ in range(num_inputs)]
+    for batch in batches:
+        for seg, toks in zip(batch.segments, check_batch(batch, max_tokens)):
+            assert len(toks) == seg.length
+            pieces[seg.index].append((seg.start, toks))
+    out = []
+    for i, p in enumerate(pieces):
+        assert p, f"input {i} missing from every batch"
+        p.sort(key=lambda s: s[0])
+        pos = 0
+        for start, toks in p:
+            assert start == pos, f"input {i}: piece at {start}, expected {pos} (gap or overlap)"
+            pos += len(toks)
+        out.append([t for _, toks in p for t in toks])
+    return out
+
+
+@st.composite
+def records_strategy(draw, max_n: int = 40, max_len: int = 1500):
+    """Random [(id, sequence)]: lengths biased short with occasional long ones (also over 1022),
+    residues from the 20 amino acids plus occasional '<mask>'. Sequences are generated from a
+    drawn seed so long ones stay cheap for hypothesis."""
+    n = draw(st.integers(1, max_n))
+    kind = st.sampled_from(["short"] * 6 + ["mid"] * 3 + ["long"])
+    out = []
+    for i in range(n):
+        k = draw(kind)
+        length = draw({"short": st.integers(1, 30), "mid": st.integers(1, 400), "long": st.integers(400, max_len)}[k])
+        mask_rate = draw(st.sampled_from([0.0, 0.0, 0.05, 0.5]))
+        seed = draw(st.integers(0, 2**32 - 1))
+        out.append((f"seq{i}", random_protein(random.Random(seed), length, mask_rate)))
+    return out
+
+
+def expected_failure(records, max_tokens: int, policy: str):
+    """(error type, id) that prepare_segments must raise first, or None."""
+    for seq_id, seq in records:
+        n = len(ALPHABET.encode(seq))
+        if policy == "error" and n > MAX_RESIDUES:
+            return SequenceTooLongError, seq_id
+        kept = min(n, MAX_RESIDUES) if policy == "truncate" else n
+        if policy != "chunk" and kept + 2 > max_tokens:
+            return TokenBudgetError, seq_id
+    return None
+
+
+# ----------------------------------------------------------------------------- coverage & invariants
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    records=records_strategy(),
+    max_tokens=st.one_of(st.integers(3, 64), st.integers(64, 4096), st.integers(4096, 40000)),
+    policy=st.sampled_from(["error", "truncate", "chunk"]),
+)
+def test_packing_invariants_and_coverage(records, max_tokens, policy):
+    failure = expected_failure(records, max_tokens, policy)
+    if failure is not None:
+        err_type, seq_id = failure
+        with pytest.raises(err_type) as info:
+            pack_sequences(records, ALPHABET, max_tokens, long_policy=policy)
+        assert info.value.seq_id == seq_id
+        return
+    batches = pack_sequences(records, ALPHABET, max_tokens, long_policy=policy)
+    rebuilt = reconstruct(batches, len(records), max_tokens)
+    limit = min(MAX_RESIDUES, max_tokens - 2)
+    for i, (seq_id, seq) in enumerate(records):
+        want = ALPHABET.encode(seq)  # fair-esm's own tokenizer as the oracle
+        assert want == tokenize(seq_id, seq, ALPHABET)
+        if policy == "truncate":
+            want = want[:MAX_RESIDUES]
+        assert rebuilt[i] == want, f"input {i} ({seq_id}) not reproduced exactly once"
+        segs = [s for b in batches for s in b.segments if s.index == i]
+        assert all(s.id == seq_id for s in segs)
+        if policy == "chunk":
+            assert all(s.length <= limit for s in segs)
+            assert len(segs) == math.ceil(len(want) / limit)
+        else:
+            assert len(segs) == 1 and segs[0].start == 0
+    segments = [s for b in batches for s in b.segments]
+    assert sum(b.num_tokens for b in batches) == sum(s.length + 2 for s in segments)
+
+
+def test_batches_never_exceed_budget_and_exact_fit():
+    # a 1022-residue sequence needs exactly 1024 tokens: fits max_tokens=1024, not 1023
+    rng = random.Random(1)
+    recs = [("long", random_protein(rng, 1022)), ("one", "A"), ("two", "AC")]
+    batches = pack_sequences(recs, ALPHABET, 1024)
+    assert [b.num_tokens for b in batches] == [1024, 7]
+    reconstruct(batches, 3, 1024)
+    with pytest.raises(TokenBudgetError, match="'long'.*1024 tokens.*max_tokens is 1023"):
+        pack_sequences(recs, ALPHABET, 1023)
+    # three tokens is the smallest budget: one residue per batch
+    batches = pack_sequences([("a", "A"), ("b", "C"), ("c", "D")], ALPHABET, 3)
+    assert [b.num_tokens for b in batches] == [3, 3, 3]
+    with pytest.raises(ValueError, match="at least 3"):
+        pack_sequences([("a", "A")], ALPHABET, 2)
+
+
+def test_single_batch_layout_by_hand():
+    batch = build_batch(prepare_segments([("x", "AC"), ("y", "W<mask>K"), ("z", "L")], ALPHABET, 100), ALPHABET)
+    a = ALPHABET.get_idx
+    assert batch.input_ids.tolist() == [0, a("A"), a("C"), 2, 0, a("W"), 32, a("K"), 2, 0, a("L"), 2]
+    assert batch.cu_seqlens.tolist() == [0, 4, 9, 12]
+    assert batch.positions.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2]
+    assert batch.seq_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2]
+    assert batch.max_seqlen == 5 and batch.ids == ["x", "y", "z"] and batch.lengths == [4, 5, 3]
+    moved = batch.to("cpu")
+    assert torch.equal(moved.input_ids, batch.input_ids) and moved.segments == batch.segments
+
+
+def test_tokenize_accepts_lowercase_and_mask_any_case():
+    assert tokenize("s", "acdE<MASK>w<Mask>", ALPHABET) == ALPHABET.encode("ACDE<mask>W<mask>")
+
+
+@pytest.mark.parametrize(
+    "records, err, pattern",
+    [
+        ([("a", "AC"), ("a", "DE")], DuplicateIdError, r"'a'.*records 1 and 2"),
+        ([("a", "AC"), ("bad", "ACJ")], InvalidSequenceError, r"'bad'.*'J' at position 3"),
+        ([("bad", "AC<cls>D")], InvalidSequenceError, r"'<cls>' at position 3"),
+        ([("bad", "A<mask>1")], InvalidSequenceError, r"'1' at position 3"),
+        ([("e", "")], EmptySequenceError, r"'e'"),
+        ([("big", "A" * 1023)], SequenceTooLongError, r"'big': 1023 residues.*limit of 1022"),
+    ],
+)
+def test_input_errors_name_the_sequence(records, err, pattern):
+    with pytest.raises(err, match=pattern):
+        pack_sequences(records, ALPHABET, 4096)
+    with pytest.raises(ValueError, match="long_policy"):
+        pack_sequences([("a", "A")], ALPHABET, 4096, long_policy="drop")
+
+
+# ----------------------------------------------------------------------------- long policies
+
+
+def test_truncate_keeps_first_1022_residues():
+    rng = random.Random(2)
+    seq = random_protein(rng, 1500, mask_rate=0.05)
+    batches = pack_sequences([("short", "MKT"), ("long", seq)], ALPHABET, 2048, long_policy="truncate")
+    rebuilt = reconstruct(batches, 2, 2048)
+    assert rebuilt[1] == ALPHABET.encode(seq)[:1022]
+    assert rebuilt[0] == ALPHABET.encode("MKT")
+    seg = next(s for b in batches for s in b.segments if s.id == "long")
+    assert (seg.start, seg.length) == (0, 1022)
+
+
+@pytest.mark.parametrize("length, max_tokens", [(1500, 4096), (2045, 1024), (700, 302), (101, 12), (1022, 1000)])
+def test_chunk_covers_every_residue_once(length, max_tokens):
+    seq = random_protein(random.Random(length), length)
+    batches = pack_sequences([("a", "ACD"), ("long", seq)], ALPHABET, max_tokens, long_policy="chunk")
+    rebuilt = reconstruct(batches, 2, max_tokens)
+    assert rebuilt[1] == ALPHABET.encode(seq)
+    limit = min(1022, max_tokens - 2)
+    pieces = sorted((s.start, s.length) for b in batches for s in b.segments if s.id == "long")
+    assert all(n <= limit for _, n in pieces)
+    assert len(pieces) == math.ceil(length / limit)
+    assert sum(n for _, n in pieces) == length
+
+
+# ----------------------------------------------------------------------------- efficiency
+
+
+@pytest.mark.parametrize("max_tokens", [4096, 16384])
+@pytest.mark.parametrize("distribution", ["uniform", "lognormal"])
+def test_packing_efficiency(max_tokens, distribution):
+    rng = random.Random(7)
+    if distribution == "uniform":
+        lengths = [rng.randint(1, 1022) for _ in range(1000)]
+    else:  # roughly UniRef50-like: median ~300 residues, long tail cut at 1022
+        lengths = [max(1, min(1022, int(rng.lognormvariate(5.7, 0.7)))) for _ in range(1000)]
+    records = [(f"s{i}", "A" * n) for i, n in enumerate(lengths)]
+    batches = pack_sequences(records, ALPHABET, max_tokens)
+    fills = sorted(b.num_tokens / max_tokens for b in batches)
+    total = sum(n + 2 for n in lengths)
+    assert sum(b.num_tokens for b in batches) == total
+    assert len(batches) <= math.ceil(total / max_tokens) + 1
+    rest = fills[1:]  # all batches but the emptiest one
+    assert sum(rest) / len(rest) > 0.9, f"mean fill {sum(rest) / len(rest):.3f}"
+    assert min(rest) > 0.8
+
+
+def test_packing_is_deterministic_and_groups_longest_first():
+    rng = random.Random(3)
+    records = [(f"s{i}", random_protein(rng, rng.randint(1, 600))) for i in range(50)]
+    a = pack_sequences(records, ALPHABET, 2048)
+    b = pack_sequences(records, ALPHABET, 2048)
+    assert [x.ids for x in a] == [x.ids for x in b]
+    assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(a, b))
+    longest = max(records, key=lambda r: len(r[1]))[0]
+    assert a[0].ids[0] == longest
+
+
+# ----------------------------------------------------------------------------- back to input order
+
+
+@pytest.fixture(scope="module")
+def model8():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("ESMFLASH_WEIGHTS", raising=False)
+        model, _ = load_esm2_model("esm2_t6_8M_UR50D", precision="fp32", device="cpu")
+    return model
+
+
+def _stock_mean(model, seq: str, layer: int) -> torch.Tensor:
+    """fair-esm's extract.py mean: stock forward on the sequence alone, mean over residues."""
+    _, _, toks = ALPHABET.get_batch_converter()([("x", seq)])
+    with torch.no_grad():
+        rep = model(toks, repr_layers=[layer])["representations"][layer]
+    return rep[0, 1 : toks.shape[1] - 1].mean(0)
+
+
+def test_embed_returns_input_order_and_matches_embedding_alone(model8):
+    rng = random.Random(11)
+    lengths = [5, 300, 1, 120, 2, 64, 250, 17]
+    records = [(f"id-{9 - i}", random_protein(rng, n, mask_rate=0.1 if i % 3 == 0 else 0.0)) for i, n in enumerate(lengths)]
+    layer = model8.num_layers
+    batches = pack_sequences(records, ALPHABET, 400)
+    assert len(batches) > 1
+    assert [s.index for b in batches for s in b.segments] != list(range(len(records)))  # packing did reorder
+    out = embed(model8, records, max_tokens=400, repr_layers=[3, layer], per_token=True)
+    assert out.ids == [r[0] for r in records]
+    assert out.mean[layer].shape == (len(records), model8.embed_dim) and out.mean[layer].dtype == torch.float32
+    assert out.info["weights_source"] == model8.weights_source
+    for i, (seq_id, seq) in enumerate(records):
+        n = len(ALPHABET.encode(seq))
+        alone = embed(model8, [(seq_id, seq)], max_tokens=1024, repr_layers=[3, layer], per_token=True)
+        for l in (3, layer):
+            assert out.per_token[l][i].shape == (n, model8.embed_dim)
+            assert relative_errors(out.mean[l][i], alone.mean[l][0])[0] <= 1e-5
+            assert relative_errors(out.per_token[l][i], alone.per_token[l][0])[0] <= 1e-5
+            assert relative_errors(out.mean[l][i], out.per_token[l][i].mean(0))[0] <= 1e-5
+        assert relative_errors(out.mean[layer][i], _stock_mean(model8, seq, layer))[0] <= 1e-5
+
+
+def test_embed_chunk_stitches_pieces_in_order(model8):
+    rng = random.Random(5)
+    seq = random_protein(rng, 700)
+    layer = model8.num_layers
+    out = embed(model8, [("tiny", "MK"), ("long", seq)], max_tokens=302, per_token=True, long_policy="chunk")
+    assert out.ids == ["tiny", "long"]
+    rows = out.per_token[layer][1]
+    assert rows.shape == (700, model8.embed_dim)
+    pieces = sorted((s.start, s.length) for b in pack_sequences([("long", seq)], ALPHABET, 302, "chunk") for s in b.segments)
+    assert len(pieces) == 3
+    for start, n in pieces:
+        alone = embed(model8, [("p", seq[start : start + n])], max_tokens=1024, per_token=True)
+        assert relative_errors(rows[start : start + n], alone.per_token[layer][0])[0] <= 1e-5
+    # the mean runs over all 700 residues of all chunks
+    assert relative_errors(out.mean[layer][1], rows.mean(0))[0] <= 1e-5
