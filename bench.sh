@@ -10,7 +10,7 @@
 # web server: `python -m http.server -d html`).
 set -euo pipefail
 cd "$(dirname "$0")"
-python3 -m pip install -q "asv==0.6.6" virtualenv
+python3 -c "import asv, virtualenv" 2>/dev/null || python3 -m pip install -q "asv==0.6.6" virtualenv
 machine=$(python3 tools/asv_machine.py)
 tier=$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.TIER)')
 select=$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.TIER_SELECTION[common.TIER])')
@@ -18,7 +18,7 @@ echo "esmflash bench: machine=$machine tier=$tier commit=$(git rev-parse --short
 start=$(date +%s)
 status=0
 if [ "${ESMFLASH_ASV_ENV:-virtualenv}" = same ]; then
-    python3 -m pip install -q --no-deps -e .
+    python3 -m pip install -q --no-deps --no-build-isolation -e .
     python3 -m asv run --python=same --set-commit-hash "$(git rev-parse HEAD)" \
         --machine "$machine" -b "$select" --show-stderr "$@" || status=$?
 else

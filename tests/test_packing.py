@@ -30,6 +30,17 @@ AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 ALPHABET = Alphabet.from_architecture("ESM-1b")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_cpu_thread():
+    """One intra-op thread for this module, restored afterwards: these small CPU forwards gain
+    little from a second thread, while an OpenMP pool on an oversubscribed machine (a benchmark
+    running beside the tests) runs them 10-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -271,7 +282,8 @@ def test_packing_is_deterministic_and_groups_longest_first():
 @pytest.fixture(scope="module")
 def model8():
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("ESMFLASH_WEIGHTS", raising=False)
+        mp.delenv("ESMFLASH_WEIGHTS", raising=False)  # seeded random weights, never a real checkpoint
+        mp.setenv("TORCH_HOME", "/nonexistent-esmflash-test-hub")
         model, _ = load_esm2_model("esm2_t6_8M_UR50D", precision="fp32", device="cpu")
     return model
 

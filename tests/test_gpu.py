@@ -1,0 +1,137 @@
+"""GPU checks (skipped without CUDA): flash kernels really run, and half-precision accuracy of the
+packed path against fp32, side by side with stock fair-esm `.half()` / `.to(bfloat16)`.
+
+Run on a GPU host: python -m pytest tests/test_gpu.py -s   (figures are printed; with
+ESMFLASH_REPORT_DIR set they are also written there as gpu_accuracy.json)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from esmflash import (
+    FlashAttentionNotActiveError,
+    cast_model,
+    load_esm2_model,
+    pack_sequences,
+    relative_errors,
+    split_per_sequence,
+    verify_flashattention_active,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+MODEL = os.environ.get("ESMFLASH_GPU_TEST_MODEL", "esm2_t33_650M_UR50D")
+
+
+def _records(n_tokens: int = 8192, seed: int = 7) -> list[tuple[str, str]]:
+    """Realistic mixed lengths (log-normal, median 300, 30..1022) plus lengths 1, 2, 1022 and masks."""
+    rng = random.Random(seed)
+    aa = "ACDEFGHIKLMNPQRSTVWY"
+    lengths = [1, 2, 1022]
+    while sum(lengths) + 2 * len(lengths) < n_tokens:
+        lengths.append(min(1022, max(30, round(rng.lognormvariate(5.7, 0.6)))))
+    recs = []
+    for i, n in enumerate(lengths):
+        s = [rng.choice(aa) for _ in range(n)]
+        if i % 5 == 4:
+            for j in rng.sample(range(n), max(1, n // 20)):
+                s[j] = "<mask>"
+        recs.append((f"seq{i}", "".join(s)))
+    return recs
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model, _ = load_esm2_model(MODEL, precision="fp32", device="cuda", attention="sdpa", seed=0)
+    return model
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_flash_kernels_run(reference, precision):
+    model = cast_model(reference, precision, "torch_flash")
+    names = verify_flashattention_active(model)
+    print(f"\n{precision} torch_flash kernels: {names}")
+    assert names
+    model.set_attention_backend("sdpa")
+    with pytest.raises(FlashAttentionNotActiveError):
+        verify_flashattention_active(model)
+
+
+def _per_sequence(outputs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([o.double().cpu() for o in outputs])
+
+
+@torch.no_grad()
+def test_half_precision_accuracy_vs_stock(reference):
+    """Ours (packed, fp32 rotary) vs stock fair-esm padded half models, both against stock fp32."""
+    alphabet = reference.alphabet
+    records = _records()
+    layer = reference.num_layers
+    convert = alphabet.get_batch_converter()
+
+    def stock_outputs(model):
+        outs = {}
+        for i in range(0, len(records), 8):
+            chunk = records[i : i + 8]
+            _, _, toks = convert(chunk)
+            rep = model(toks.cuda(), repr_layers=[layer])["representations"][layer]
+            for j, (sid, seq) in enumerate(chunk):
+                n = len(alphabet.encode(seq)) + 2
+                outs[sid] = rep[j, :n].float()
+        return outs
+
+    def packed_outputs(model):
+        outs = {}
+        for batch in pack_sequences(records, alphabet, 4096):
+            rep = model.forward_packed(batch.to("cuda"), repr_layers=[layer])["representations"][layer]
+            for seg, r in zip(batch.segments, split_per_sequence(rep, batch, residues_only=False)):
+                outs[seg.id] = r.float()
+        return outs
+
+    ref = stock_outputs(reference)
+    ids = [r[0] for r in records]
+
+    def summarize(outs):
+        a = _per_sequence([outs[i] for i in ids])
+        b = _per_sequence([ref[i] for i in ids])
+        max_rel, mean_rel = relative_errors(a, b)
+        cos = torch.stack(
+            [torch.nn.functional.cosine_similarity(outs[i][1:-1].double().mean(0), ref[i][1:-1].double().mean(0), dim=0).cpu() for i in ids]
+        )
+        return {"max_rel_err": max_rel, "mean_rel_err": mean_rel, "min_cosine": cos.min().item(), "mean_cosine": cos.mean().item()}
+
+    report = {"model": MODEL, "weights_source": reference.weights_source, "gpu": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "sequences": len(records), "rows": {}}
+    report["rows"]["esmflash fp32 packed (sdpa)"] = summarize(packed_outputs(reference))
+    for precision, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        ours = cast_model(reference, precision, "torch_flash")
+        report["rows"][f"esmflash {precision} packed (torch_flash)"] = summarize(packed_outputs(ours))
+        del ours
+        stock = copy.deepcopy(reference).to(dtype)
+        report["rows"][f"stock fair-esm {precision} padded"] = summarize(stock_outputs(stock))
+        del stock
+        torch.cuda.empty_cache()
+
+    print()
+    print(f"{'path':40s} {'max rel err':>12s} {'mean rel err':>12s} {'min cos':>10s} {'mean cos':>10s}")
+    for name, row in report["rows"].items():
+        print(f"{name:40s} {row['max_rel_err']:12.3e} {row['mean_rel_err']:12.3e} {row['min_cosine']:10.6f} {row['mean_cosine']:10.6f}")
+    out_dir = os.environ.get("ESMFLASH_REPORT_DIR")
+    if out_dir:
+        with open(os.path.join(out_dir, "gpu_accuracy.json"), "w") as f:
+            json.dump(report, f, indent=2)
+
+    rows = report["rows"]
+    assert rows["esmflash fp32 packed (sdpa)"]["max_rel_err"] < 1e-4
+    ours16, stock16 = rows["esmflash fp16 packed (torch_flash)"], rows["stock fair-esm fp16 padded"]
+    assert ours16["max_rel_err"] <= stock16["max_rel_err"]
+    assert ours16["mean_rel_err"] <= stock16["mean_rel_err"]
+    assert ours16["min_cosine"] >= stock16["min_cosine"]
