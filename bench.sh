@@ -6,6 +6,9 @@
 #   ESMFLASH_ASV_ENV=same bash bench.sh   # GPU host with a CUDA torch already installed: run in
 #                                    # this Python instead of a per-commit virtualenv
 #
+#   ESMFLASH_BENCH_SELECT=REGEX bash bench.sh   # run only the combinations matching REGEX
+#                                    # (asv -b syntax, e.g. "\('esm2_t33_650M_UR50D'")
+#
 # Results go to results/<machine>/, the static site to html/ (open html/index.html through a
 # web server: `python -m http.server -d html`).
 set -euo pipefail
@@ -13,7 +16,8 @@ cd "$(dirname "$0")"
 python3 -c "import asv, virtualenv" 2>/dev/null || python3 -m pip install -q "asv==0.6.6" virtualenv
 machine=$(python3 tools/asv_machine.py)
 tier=$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.TIER)')
-select=$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.TIER_SELECTION[common.TIER])')
+select=${ESMFLASH_BENCH_SELECT:-}
+[ -n "$select" ] || select=$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.TIER_SELECTION[common.TIER])')
 echo "esmflash bench: machine=$machine tier=$tier commit=$(git rev-parse --short HEAD)"
 start=$(date +%s)
 status=0
