@@ -40,15 +40,6 @@ MODELS = ["esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D"]
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    """One intra-op thread for this module, restored afterwards: these small CPU forwards gain
-    little from a second thread, while an OpenMP pool on an oversubscribed machine (a benchmark
-    running beside the tests) runs them 10-50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
