@@ -9,6 +9,7 @@ cu_seqlens (int32, [B+1]) as FlashAttention's varlen kernels expect. Packing run
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
@@ -82,28 +83,26 @@ class PackedBatch:
     def device(self) -> torch.device:
         return self.input_ids.device
 
+    def _map(self, fn) -> "PackedBatch":
+        return replace(
+            self,
+            input_ids=fn(self.input_ids),
+            cu_seqlens=fn(self.cu_seqlens),
+            positions=fn(self.positions),
+            seq_index=fn(self.seq_index),
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
         """The same batch with its tensors on `device` (pinned memory makes it asynchronous)."""
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(
-            self,
-            input_ids=move(self.input_ids),
-            cu_seqlens=move(self.cu_seqlens),
-            positions=move(self.positions),
-            seq_index=move(self.seq_index),
-        )
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "PackedBatch":
-        return replace(
-            self,
-            input_ids=self.input_ids.pin_memory(),
-            cu_seqlens=self.cu_seqlens.pin_memory(),
-            positions=self.positions.pin_memory(),
-            seq_index=self.seq_index.pin_memory(),
-        )
+        return self._map(lambda t: t.pin_memory())
 
 
+@functools.lru_cache(maxsize=8)
 def _allowed_chars(alphabet: Alphabet) -> dict[str, int]:
+    """Residue character -> token id (built once per alphabet, not once per sequence)."""
     return {t: alphabet.get_idx(t) for t in alphabet.standard_toks}
 
 
