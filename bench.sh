@@ -24,9 +24,9 @@ status=0
 if [ "${ESMFLASH_ASV_ENV:-virtualenv}" = same ]; then
     python3 -m pip install -q --no-deps --no-build-isolation -e .
     python3 -m asv run --python=same --set-commit-hash "$(git rev-parse HEAD)" \
-        --machine "$machine" -b "$select" --show-stderr "$@" || status=$?
+        --machine "$machine" -b "$select" --record-samples --show-stderr "$@" || status=$?
 else
-    python3 -m asv run "HEAD^!" --machine "$machine" -b "$select" --show-stderr "$@" || status=$?
+    python3 -m asv run "HEAD^!" --machine "$machine" -b "$select" --record-samples --show-stderr "$@" || status=$?
 fi
 echo "esmflash bench: suite took $(( $(date +%s) - start )) s (asv exit status $status)"
 python3 -m asv publish

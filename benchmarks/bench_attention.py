@@ -1,26 +1,27 @@
-"""Every available attention backend on the same packed batch ("mixed" length class)."""
+"""Every attention backend on the same packed batch: the varlen attention call alone."""
 
 from asv_runner.benchmarks.mark import skip_for_params
 
 from . import common
 from .common import BACKENDS, PRECISIONS
 
-MODELS = ["esm2_t6_8M_UR50D", "esm2_t33_650M_UR50D"]  # one per tier
+MODELS = ["esm2_t6_8M_UR50D", "esm2_t33_650M_UR50D", "esm2_t36_3B_UR50D"]
 GRID = (MODELS, PRECISIONS, BACKENDS)
-# Flash backends need a GPU and fp16/bf16: skipped without starting a process's setup.
+# Flash backends need a GPU and fp16/bf16: n/a elsewhere. Backends not installed here are
+# skipped by setup (BackendUnavailableError), never replaced by another one.
 RUNNABLE = common.skip_list(
     *GRID, keep=lambda m, p, b: common.runs_here(m, p) and (b == "sdpa" or (common.TIER == "gpu" and p != "fp32"))
 )
 
 
 class AttentionBackends:
-    """Whole forward pass and the attention kernel alone (one layer's q/k/v shapes), per backend.
-    A backend that cannot run here (not installed, fp32 for flash kernels, no GPU) is n/a."""
+    """One layer's varlen attention (q/k/v [T, H, Dh] of the model, its "mixed" token set's
+    cu_seqlens; seeded random values), per backend. No model is built."""
 
     params = GRID
     param_names = ["model", "precision", "backend"]
-    version = common.BENCH_VERSION
-    timeout = 600
+    version = common.VERSION
+    timeout = 120
     number = 1
     repeat = common.REPEAT
     rounds = 1
@@ -28,18 +29,21 @@ class AttentionBackends:
 
     def setup(self, model, precision, backend):
         from esmflash import BackendUnavailableError
+        from esmflash.attention import resolve_backend
+        from esmflash.models import PRECISIONS as DTYPES
 
         try:
-            self.model, self.batches = common.prepare_forward(model, precision, "mixed", attention=backend)
+            resolve_backend(backend, common.device(), DTYPES[precision])
         except BackendUnavailableError as e:
             raise NotImplementedError(str(e))
-        self.qkv = common.attention_inputs(self.model, self.batches[0])
-
-    @skip_for_params(RUNNABLE)
-    def time_forward_packed(self, model, precision, backend):
-        with common.no_grad():
-            common.forward_packed(self.model, self.batches)
+        self.inputs = common.attention_inputs(model, precision)
+        self.time_attention_kernel(model, precision, backend)  # warm-up
 
     @skip_for_params(RUNNABLE)
     def time_attention_kernel(self, model, precision, backend):
-        common.attention_only(self.model, self.batches[0], self.qkv)
+        from esmflash.attention import varlen_attention
+
+        q, k, v, cu_seqlens, max_seqlen, scale = self.inputs
+        with common.no_grad():
+            varlen_attention(backend, q, k, v, cu_seqlens, max_seqlen, scale)
+        common.synchronize()

@@ -1,4 +1,4 @@
-"""The engine's packed forward pass: time and host memory per model x precision x length class."""
+"""The engine's packed forward pass: time per model x precision x length class, host memory."""
 
 from asv_runner.benchmarks.mark import skip_for_params
 
@@ -10,12 +10,13 @@ GRID = (ALL_MODELS, PRECISIONS, LENGTH_CLASSES)
 
 class ForwardPacked:
     """forward_packed over one fixed token set (one packed batch already on the device),
-    last-layer representations, CUDA-synchronized. Half precisions verify flash kernels first."""
+    last-layer representations, CUDA-synchronized. The attention backend is pinned per precision
+    (common.PINNED_BACKEND); on a GPU its kernel family is verified before timing."""
 
     params = GRID
     param_names = ["model", "precision", "length"]
-    version = common.BENCH_VERSION
-    timeout = 600
+    version = common.VERSION
+    timeout = 300
     number = 1
     repeat = common.REPEAT
     rounds = 1
@@ -29,8 +30,22 @@ class ForwardPacked:
         with common.no_grad():
             common.forward_packed(self.model, self.batches)
 
-    # Host RSS does not depend on the length class (the batch lives on the device); measured on
-    # "mixed" only. GPU memory per class is ForwardMetrics.track_gpu_peak_memory.
+
+class ForwardHostMemory:
+    """Peak host RSS of a process that loads the model and runs one packed pass. It does not
+    depend on the length class (the batch lives on the device), so only "mixed" is measured;
+    GPU memory per class is bench_metrics.ForwardMetrics.track_gpu_peak_memory."""
+
+    params = GRID
+    param_names = ["model", "precision", "length"]
+    version = common.VERSION
+    timeout = 300
+
+    def setup(self, model, precision, length):
+        with common.no_grad():
+            self.model = common.load_model(model, precision)
+            self.batches = common.packed_batches(self.model, length)
+
     @skip_for_params(common.skip_list(*GRID, keep=lambda m, p, l: common.runs_here(m, p) and l == "mixed"))
     def peakmem_forward_packed(self, model, precision, length):
         with common.no_grad():

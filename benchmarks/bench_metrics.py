@@ -1,6 +1,8 @@
-"""Derived metrics per model x precision x length class, measured once per run in setup_cache:
-throughput, MFU, GPU peak memory, speedups (over fp32 and over stock fair-esm fp32) and the error
-against the fp32 reference. See common.measure_forward_metrics for definitions."""
+"""Derived metrics per model x precision x length class, measured once per run by the
+module-level setup_cache (one process, one model at a time): throughput, MFU, GPU peak memory,
+speedups and the error against fp32 for the engine; throughput of stock fair-esm (the padded
+baseline users would otherwise run) on the same sequences. Definitions:
+common.measure_forward_metrics."""
 
 from asv_runner.benchmarks.mark import skip_for_params
 
@@ -11,21 +13,32 @@ GRID = (ALL_MODELS, PRECISIONS, LENGTH_CLASSES)
 ON_TIER = common.skip_list(*GRID, keep=lambda m, p, l: common.runs_here(m, p))
 GPU_ONLY = common.skip_list(*GRID, keep=lambda m, p, l: common.runs_here(m, p) and common.TIER == "gpu")
 HALF_ONLY = common.skip_list(*GRID, keep=lambda m, p, l: common.runs_here(m, p) and p != "fp32")
+STOCK_GRID = (ALL_MODELS, ["fp32", "fp16"], LENGTH_CLASSES)
+STOCK_ON_TIER = common.skip_list(*STOCK_GRID, keep=lambda m, p, l: common.runs_here(m, p))
+
+
+def setup_cache():
+    return common.measure_forward_metrics()
+
+
+setup_cache.timeout = 900
+
+
+def _row(cache: dict, key: tuple) -> dict:
+    row = cache.get(key)
+    if row is None:
+        raise NotImplementedError(f"{key} not measured on the {common.TIER} tier")
+    return row
 
 
 class ForwardMetrics:
     params = GRID
     param_names = ["model", "precision", "length"]
-    version = common.BENCH_VERSION
-    timeout = 1200  # covers setup_cache: every model, precision and class of the tier
-
-    def setup_cache(self):
-        return common.measure_forward_metrics()
+    version = common.VERSION
+    timeout = 60
 
     def setup(self, cache, model, precision, length):
-        self.row = cache.get((model, precision, length))
-        if self.row is None:
-            raise NotImplementedError(f"{model} {precision} not measured on the {common.TIER} tier")
+        self.row = _row(cache, (model, precision, length))
 
     @skip_for_params(ON_TIER)
     def track_tokens_per_second(self, cache, model, precision, length):
@@ -62,3 +75,22 @@ class ForwardMetrics:
         return self.row["max_rel_err_vs_fp32"]
 
     track_max_rel_error_vs_fp32.unit = "relative"
+
+
+class StockBaseline:
+    """Stock fair-esm ESM2.forward on BatchConverter batches (padded, length-sorted, at most the
+    same token budget per batch, as extract.py), fp32 and `.half()`, same weights and sequences."""
+
+    params = STOCK_GRID
+    param_names = ["model", "precision", "length"]
+    version = common.VERSION
+    timeout = 60
+
+    def setup(self, cache, model, precision, length):
+        self.row = _row(cache, ("stock", model, precision, length))
+
+    @skip_for_params(STOCK_ON_TIER)
+    def track_stock_tokens_per_second(self, cache, model, precision, length):
+        return self.row["tokens_per_second"]
+
+    track_stock_tokens_per_second.unit = "tokens/s"

@@ -16,7 +16,7 @@ import random
 import shutil
 
 # Bump when a helper here changes what a benchmark measures (asv hashes only benchmark bodies).
-BENCH_VERSION = "1"
+BENCH_VERSION = "2"
 
 MODELS_BY_TIER = {
     "cpu": ["esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D"],
@@ -48,14 +48,28 @@ def detect_tier() -> str:
 
 
 TIER = detect_tier()
-# asv `repeat` (min samples, max samples, max seconds): GPU passes take 0.05-1 s, CPU ones ~1 s.
-REPEAT = (5, 25, 6.0) if TIER == "gpu" else (3, 8, 2.0)
+# asv `repeat` (min samples, max samples, max seconds per benchmark process). A GPU pass over a
+# token set takes 0.07-1 s; medians of >= 4 samples after warm-up agree within ~1% run to run.
+REPEAT = (4, 12, 1.5) if TIER == "gpu" else (3, 6, 1.5)
 # asv -b regex selecting this tier's combinations: the parent process skips the rest (n/a)
 # without spawning a process for each.
 TIER_SELECTION = {
     "gpu": r"\('esm2_t(33_650M|36_3B)_UR50D'",
     "cpu": r"\('esm2_t(6_8M|12_35M)_UR50D', 'fp32'",
 }
+
+# The attention backend every timed path uses, pinned per precision (never "auto"), and the CUDA
+# kernel-name substring that must appear when it runs. A silent backend or kernel-family change
+# cannot look like a speedup or a slowdown: changing a pin changes VERSION (asv starts a new
+# series), and a backend that stops running its kernel family fails the benchmark.
+PINNED_BACKEND = {
+    "gpu": {"fp32": "sdpa", "fp16": "torch_flash", "bf16": "torch_flash"},
+    "cpu": {"fp32": "sdpa", "fp16": "sdpa", "bf16": "sdpa"},
+}
+KERNEL_FAMILY = {"torch_flash": "pytorch_flash::flash_fwd", "flash_attn": "flash_fwd", "fa4": "flash"}
+VERSION = BENCH_VERSION + ";attention=" + ",".join(
+    f"{tier}:{p}:{b}" for tier, pins in PINNED_BACKEND.items() for p, b in pins.items()
+)
 
 
 def runs_here(model: str, precision: str) -> bool:
@@ -108,17 +122,26 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def no_grad():
+    import torch
+
+    return torch.no_grad()
+
+
 _MODELS: dict = {}
 _DATA: dict = {}
+_READY: set = set()
 
 
-def load_model(name: str, precision: str, attention: str = "auto"):
-    """The packed model for this process, loaded once (asv re-runs setup before every sample)."""
-    key = (name, precision, attention)
+def load_model(name: str, precision: str):
+    """The packed model for this process with its pinned backend, loaded once (asv re-runs setup
+    before every sample). Weights: seeded random (seed 0) unless a checkpoint is on disk."""
+    key = (name, precision)
     if key not in _MODELS:
         from esmflash import load_esm2_model
 
-        _MODELS[key], _ = load_esm2_model(name, precision=precision, device=device(), attention=attention, seed=0)
+        backend = PINNED_BACKEND[TIER][precision]
+        _MODELS[key], _ = load_esm2_model(name, precision=precision, device=device(), attention=backend, seed=0)
     return _MODELS[key]
 
 
@@ -146,11 +169,12 @@ def padded_batches(model, length_class: str) -> list:
     return _DATA[key]
 
 
-def forward_packed(model, batches) -> None:
-    """One embedding pass (last-layer representations) over the token set, device-synchronized."""
-    for batch in batches:
-        model.forward_packed(batch, repr_layers=[model.num_layers])
+def forward_packed(model, batches) -> list:
+    """One embedding pass (last-layer representations [T, D] per batch) over the token set,
+    device-synchronized."""
+    out = [model.forward_packed(b, repr_layers=[model.num_layers])["representations"][model.num_layers] for b in batches]
     synchronize()
+    return out
 
 
 def forward_stock(model, token_batches) -> None:
@@ -161,144 +185,144 @@ def forward_stock(model, token_batches) -> None:
     synchronize()
 
 
-_READY: set = set()
+def verify_kernel_family(model) -> list[str]:
+    """On a GPU with a flash backend: raise unless the pinned backend's kernel family runs
+    (esmflash.verify_flashattention_active plus the KERNEL_FAMILY name check); returns the flash
+    kernel names seen. A no-op elsewhere."""
+    if model.device.type != "cuda" or model.attention_backend == "sdpa":
+        return []
+    from esmflash import verify_flashattention_active
+    from esmflash.errors import FlashAttentionNotActiveError
+
+    kernels = verify_flashattention_active(model)
+    family = KERNEL_FAMILY[model.attention_backend]
+    if not any(family in k for k in kernels):
+        raise FlashAttentionNotActiveError(
+            f"backend {model.attention_backend!r} ran {kernels}, not the {family!r} kernel family this suite pins"
+        )
+    return kernels
 
 
-def warm_up(key, fn, model, verify_flash: bool) -> None:
-    """Run fn twice (kernel selection, allocator, cuBLAS handles) once per process and key;
-    with verify_flash, first prove that FlashAttention kernels run (raises otherwise)."""
-    if key in _READY:
-        return
-    if verify_flash:
-        from esmflash import verify_flashattention_active
-
-        verify_flashattention_active(model)
-    fn()
-    fn()
-    _READY.add(key)
-
-
-def prepare_forward(name: str, precision: str, length_class: str, attention: str = "auto"):
-    """(model, packed batches on device), warmed up; half precisions on a GPU with a flash
-    backend are verified to run flash kernels first, so a fallback fails instead of being timed."""
-    import torch
-
-    with torch.no_grad():
-        model = load_model(name, precision, attention)
-        batches = packed_batches(model, length_class)
-        flash = model.device.type == "cuda" and model.attention_backend != "sdpa"
-        warm_up(("packed", name, precision, length_class, attention), lambda: forward_packed(model, batches), model, flash)
-    return model, batches
-
-
-def prepare_stock(name: str, precision: str, length_class: str):
-    """(model, padded token batches on device), warmed up. precision fp16 = stock `.half()`."""
-    import torch
-
-    with torch.no_grad():
+def prepare_forward(name: str, precision: str, length_class: str):
+    """(model, packed batches on device), warmed up once per process: the kernel family is
+    verified first (a fallback fails instead of being timed), then one full pass."""
+    with no_grad():
         model = load_model(name, precision)
-        batches = padded_batches(model, length_class)
-        warm_up(("stock", name, precision, length_class), lambda: forward_stock(model, batches), model, False)
+        batches = packed_batches(model, length_class)
+        key = ("packed", name, precision, length_class)
+        if key not in _READY:
+            verify_kernel_family(model)
+            forward_packed(model, batches)
+            _READY.add(key)
     return model, batches
-
-
-def no_grad():
-    import torch
-
-    return torch.no_grad()
 
 
 def measure_forward_metrics() -> dict:
-    """All derived metrics of this tier in one process (asv setup_cache), keyed by
-    (model, precision, length class):
+    """Every derived metric of this tier in one process (asv setup_cache). Keys:
+    (model, precision, length class) for the engine, ("stock", model, precision, length class)
+    for stock fair-esm. Engine rows:
 
-      tokens_per_second      real tokens (BOS/EOS, no padding) / median CUDA-event seconds
-      mfu_percent            model FLOP/s over the measured dense fp16 matmul peak (GPU only)
-      gpu_peak_memory_bytes  torch.cuda.max_memory_allocated over one pass, weights included
-      speedup_over_fp32      tokens/s over fp32 packed tokens/s, same model/class/run
-      speedup_over_stock_fp32  tokens/s over stock fair-esm fp32 padded, same sequences
-      max_rel_err_vs_fp32    max|x - ref| / max|ref| of last-layer representations against
-                             the fp32 model with the same weights
-      attention_backend      the backend that ran (recorded, not a number asv tracks)
+      tokens_per_second      real tokens (BOS/EOS, no padding) / median seconds per pass
+      mfu_percent            model FLOP/s over the dense fp16 8192^3 matmul rate measured here
+      gpu_peak_memory_bytes  weights + the batch + the pass's peak of torch.cuda allocations
+      speedup_over_fp32      fp32 packed seconds / these seconds (same model, class and run)
+      speedup_over_stock_fp32  stock fair-esm fp32 padded seconds / these seconds
+      max_rel_err_vs_fp32    max|x - ref| / max|ref|, last-layer representations, against the
+                             fp32 model with the same weights (half precisions only)
+      attention_backend, kernels  what ran (recorded in the cache, not tracked)
+
+    Stock rows: tokens_per_second (real tokens / median seconds of the padded forward).
+    Passes per measurement: one warm-up, one for memory and outputs, then `samples` timed.
     """
     import torch
 
-    from esmflash import compare_to_reference, verify_flashattention_active
     from esmflash.models import cast_model
+    from esmflash.numerics import relative_errors
     from esmflash.perf import forward_flops, matmul_peak_flops, median, time_device
 
     dev = device()
     gpu = dev.type == "cuda"
-    repeats, warmup = (7, 2) if gpu else (3, 1)
+    samples = 4 if gpu else 3
     peak = matmul_peak_flops(dev, torch.float16) if gpu else None
-    precisions = PRECISIONS if gpu else ["fp32"]
     out: dict = {}
+
+    def measure(model, length: str, reference: list | None) -> tuple[dict, list]:
+        batches = packed_batches(model, length)
+        forward_packed(model, batches)  # warm-up
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        inputs = sum(t.numel() * t.element_size() for b in batches for t in (b.input_ids, b.cu_seqlens, b.positions, b.seq_index))
+        if gpu:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        reps = forward_packed(model, batches)
+        row = {"attention_backend": model.attention_backend}
+        if gpu:
+            row["gpu_peak_memory_bytes"] = float(params + inputs + torch.cuda.max_memory_allocated() - before)
+        seconds = median(time_device(lambda: forward_packed(model, batches), dev, samples, 0))
+        tokens = sum(b.num_tokens for b in batches)
+        row["seconds"] = seconds
+        row["tokens_per_second"] = tokens / seconds
+        if gpu:
+            flops = sum(forward_flops(b.lengths, model.num_layers, model.embed_dim) for b in batches)
+            row["mfu_percent"] = 100.0 * flops / seconds / peak
+        if reference is not None:
+            row["max_rel_err_vs_fp32"] = relative_errors(torch.cat(reps).float(), torch.cat(reference))[0]
+        return row, reps
+
+    def measure_stock(model, length: str) -> float:
+        padded = padded_batches(model, length)
+        return median(time_device(lambda: forward_stock(model, padded), dev, max(2, samples - 1), 1))
+
     with torch.no_grad():
         for name in MODELS_BY_TIER[TIER]:
             ref = load_model(name, "fp32")
-            base: dict = {}
+            reference, fp32_seconds, stock_fp32 = {}, {}, {}
             for length in LENGTH_CLASSES:
-                batches = packed_batches(ref, length)
-                padded = padded_batches(ref, length)
-                base[length] = (
-                    median(time_device(lambda: forward_packed(ref, batches), dev, repeats, warmup)),
-                    median(time_device(lambda: forward_stock(ref, padded), dev, max(2, repeats // 2), 1)),
-                )
-            for precision in precisions:
-                model = ref if precision == "fp32" else cast_model(ref, precision)
-                if gpu and precision != "fp32":
-                    verify_flashattention_active(model)
+                row, reps = measure(ref, length, None)
+                reference[length] = [r.float() for r in reps]
+                fp32_seconds[length] = row["seconds"]
+                stock_fp32[length] = measure_stock(ref, length)
+                tokens = sum(b.num_tokens for b in packed_batches(ref, length))
+                out[("stock", name, "fp32", length)] = {"tokens_per_second": tokens / stock_fp32[length]}
+                row["speedup_over_fp32"] = 1.0
+                row["speedup_over_stock_fp32"] = stock_fp32[length] / row["seconds"]
+                out[(name, "fp32", length)] = row
+            for precision in HALF_PRECISIONS if gpu else []:
+                model = cast_model(ref, precision, attention=PINNED_BACKEND[TIER][precision])
+                kernels = verify_kernel_family(model)
                 for length in LENGTH_CLASSES:
-                    batches = packed_batches(ref, length)
-                    if precision == "fp32":
-                        seconds = base[length][0]
-                    else:
-                        seconds = median(time_device(lambda: forward_packed(model, batches), dev, repeats, warmup))
-                    tokens = sum(b.num_tokens for b in batches)
-                    flops = sum(forward_flops(b.lengths, model.num_layers, model.embed_dim) for b in batches)
-                    row = {
-                        "tokens_per_second": tokens / seconds,
-                        "speedup_over_fp32": base[length][0] / seconds,
-                        "speedup_over_stock_fp32": base[length][1] / seconds,
-                        "attention_backend": model.attention_backend,
-                    }
-                    if gpu:
-                        row["mfu_percent"] = 100.0 * flops / seconds / peak
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                        forward_packed(model, batches)
-                        row["gpu_peak_memory_bytes"] = float(torch.cuda.max_memory_allocated())
-                    if precision != "fp32":
-                        row["max_rel_err_vs_fp32"] = compare_to_reference(model, ref, batches).max_rel_err
+                    row, _ = measure(model, length, reference[length])
+                    row["kernels"] = kernels
+                    row["speedup_over_fp32"] = fp32_seconds[length] / row["seconds"]
+                    row["speedup_over_stock_fp32"] = stock_fp32[length] / row["seconds"]
                     out[(name, precision, length)] = row
-                if model is not ref:
-                    del model
+                    if precision == "fp16":  # stock fair-esm `.half()`: same weights, padded forward
+                        tokens = sum(b.num_tokens for b in packed_batches(model, length))
+                        out[("stock", name, "fp16", length)] = {"tokens_per_second": tokens / measure_stock(model, length)}
+                del model
+            del ref, reference
             _MODELS.clear()
             _DATA.clear()
-            _READY.clear()
-            del ref
             if gpu:
                 torch.cuda.empty_cache()
     return out
 
 
-def attention_inputs(model, batch):
-    """Random q, k, v [T, H, Dh] with the batch's shape, in the model's dtype and device (cached)."""
-    key = ("qkv", model.model_name, str(model.dtype), batch.num_tokens)
-    if key not in _DATA:
-        import torch
+def attention_inputs(model_name: str, precision: str):
+    """(q, k, v [T, H, Dh], cu_seqlens, max_seqlen, scale) for one attention call of `model_name`
+    on its "mixed" token set, seeded random values, on this tier's device. No model is built."""
+    import torch
 
-        g = torch.Generator(device=model.device).manual_seed(SEED)
-        shape = (batch.num_tokens, model.attention_heads, model.embed_dim // model.attention_heads)
-        _DATA[key] = [torch.randn(shape, generator=g, device=model.device, dtype=model.dtype) for _ in range(3)]
-    return _DATA[key]
+    import esm
+    from esmflash import pack_sequences
+    from esmflash.models import ESM2_ARCHITECTURES, PRECISIONS
 
-
-def attention_only(model, batch, qkv) -> None:
-    """One varlen attention call of the model's backend on the batch layout, synchronized."""
-    from esmflash.attention import varlen_attention
-
-    q, k, v = qkv
-    scale = (model.embed_dim // model.attention_heads) ** -0.5
-    varlen_attention(model.attention_backend, q, k, v, batch.cu_seqlens, batch.max_seqlen, scale)
-    synchronize()
+    _, dim, heads = ESM2_ARCHITECTURES[model_name]
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    budget = TOKENS_PER_SET[model_name]
+    batch = pack_sequences(length_class_records("mixed", budget), alphabet, budget)[0].to(device())
+    g = torch.Generator(device=device()).manual_seed(SEED)
+    shape = (batch.num_tokens, heads, dim // heads)
+    q, k, v = (torch.randn(shape, generator=g, device=device(), dtype=PRECISIONS[precision]) for _ in range(3))
+    return q, k, v, batch.cu_seqlens, batch.max_seqlen, (dim // heads) ** -0.5
