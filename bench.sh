@@ -16,17 +16,22 @@ cd "$(dirname "$0")"
 python3 -c "import asv, virtualenv" 2>/dev/null || python3 -m pip install -q "asv==0.6.6" virtualenv
 machine=$(python3 tools/asv_machine.py)
 tier=$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.TIER)')
-select=${ESMFLASH_BENCH_SELECT:-}
-[ -n "$select" ] || select=$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.TIER_SELECTION[common.TIER])')
+# asv -b arguments: ESMFLASH_BENCH_SELECT, else the tier's selection (benchmarks/common.py).
+if [ -n "${ESMFLASH_BENCH_SELECT:-}" ]; then
+    select=(-b "$ESMFLASH_BENCH_SELECT")
+else
+    mapfile -t select < <(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common
+for r in common.TIER_SELECTION[common.TIER]: print("-b"); print(r)')
+fi
 echo "esmflash bench: machine=$machine tier=$tier commit=$(git rev-parse --short HEAD)"
 start=$(date +%s)
 status=0
 if [ "${ESMFLASH_ASV_ENV:-virtualenv}" = same ]; then
     python3 -m pip install -q --no-deps --no-build-isolation -e .
     python3 -m asv run --python=same --set-commit-hash "$(git rev-parse HEAD)" \
-        --machine "$machine" -b "$select" --record-samples --show-stderr "$@" || status=$?
+        --machine "$machine" "${select[@]}" --record-samples --show-stderr "$@" || status=$?
 else
-    python3 -m asv run "HEAD^!" --machine "$machine" -b "$select" --record-samples --show-stderr "$@" || status=$?
+    python3 -m asv run "HEAD^!" --machine "$machine" "${select[@]}" --record-samples --show-stderr "$@" || status=$?
 fi
 echo "esmflash bench: suite took $(( $(date +%s) - start )) s (asv exit status $status)"
 python3 -m asv publish

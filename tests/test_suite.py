@@ -182,7 +182,8 @@ def suite(tmp_path_factory):
     out["machine"] = run_asv(config, env, tmp, "machine", "machine", "--yes", "--machine", MACHINE)
     out["run"] = run_asv(
         config, env, tmp, "run",
-        "run", "--python=same", "--set-commit-hash", head, "--machine", MACHINE, "-b", select, "--show-stderr",
+        "run", "--python=same", "--set-commit-hash", head, "--machine", MACHINE,
+        *[arg for regex in select for arg in ("-b", regex)], "--show-stderr",
     )
     out["publish"] = run_asv(config, env, tmp, "publish", "publish")
     return out

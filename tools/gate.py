@@ -1,7 +1,7 @@
 """Regression gate: run the suite for a base and a head commit on this machine and fail on a
 slowdown beyond the threshold.
 
-    python3 tools/gate.py [BASE] [HEAD] [--factor 1.05] [-b REGEX] [--no-run]
+    python3 tools/gate.py [BASE] [HEAD] [--factor 1.05] [-b REGEX] [--no-run [--machine NAME]]
 
 BASE defaults to HEAD's parent, HEAD to HEAD (names like main or a sha). Both are measured with
 recorded samples: in a per-commit virtualenv via `asv continuous` (the default environment), or,
@@ -39,16 +39,18 @@ def main() -> int:
     parser.add_argument("base", nargs="?", default="HEAD^")
     parser.add_argument("head", nargs="?", default="HEAD")
     parser.add_argument("--factor", type=float, default=1.05, help="slowdown ratio that fails (default 1.05)")
-    parser.add_argument("-b", "--bench", default=None, help="asv -b regex (default: this tier's forward benchmarks)")
+    parser.add_argument("-b", "--bench", default=None,
+                        help="asv -b regex (default: common.GATE_SELECTION, this tier's forward pass)")
     parser.add_argument("--no-run", action="store_true", help="compare existing results only")
+    parser.add_argument("--machine", default=None, help="results of this asv machine (default: this host's name)")
     args = parser.parse_args()
 
     base, head = sh("git", "rev-parse", args.base), sh("git", "rev-parse", args.head)
     sys.path.insert(0, str(REPO / "benchmarks"))
     import common
 
-    bench = args.bench or r"ForwardPacked\.time_forward_packed" + common.TIER_SELECTION[common.TIER]
-    machine = sh(sys.executable, "tools/asv_machine.py")
+    bench = args.bench or common.GATE_SELECTION[common.TIER]
+    machine = args.machine or sh(sys.executable, "tools/asv_machine.py")
     print(f"gate: base {base[:8]} head {head[:8]} machine {machine} factor {args.factor} -b {bench}", flush=True)
 
     same_env = os.environ.get("ESMFLASH_ASV_ENV", "virtualenv") == "same"
@@ -71,21 +73,30 @@ def main() -> int:
     conf = Config.load(str(REPO / "asv.conf.json"))
 
     def selected(commit: str):
-        """asv's compare rows for the commit's results on this machine, time_ benchmarks
-        matching the selection only (track_ values have no "slower" direction)."""
+        """asv's compare rows for the commit's results on this machine: time_ benchmarks only
+        (track_ values have no "slower" direction), combinations outside the selection n/a."""
         for result in iter_results_for_machine_and_hash(conf.results_dir, machine, commit):
             for key in result.get_all_result_keys():
+                if not key.split(".")[-1].startswith("time_"):
+                    continue
                 params = result.get_result_params(key)
-                names = [key] + [f"{key}({', '.join(map(repr, combo))})" for combo in _product(params)]
-                if key.split(".")[-1].startswith("time_") and any(re.search(bench, n) for n in names):
-                    yield (key, params, result.get_result_value(key, params), result.get_result_stats(key, params),
-                           result.get_result_samples(key, params), result.benchmark_version.get(key),
-                           result.params["machine"], result.env_name)
+                combos = _product(params) or [()]
+                keep = [bool(re.search(bench, f"{key}({', '.join(map(repr, c))})" if c else key)) for c in combos]
+                if not any(keep):
+                    continue
+                value, stats, samples = (result.get_result_value(key, params), result.get_result_stats(key, params),
+                                         result.get_result_samples(key, params))
+                mask = lambda xs: [x if k else None for x, k in zip(xs, keep)] if isinstance(xs, list) else xs
+                yield (key, params, mask(value), mask(stats), mask(samples), result.benchmark_version.get(key),
+                       result.params["machine"], result.env_name)
 
+    rows_base, rows_head = list(selected(base)), list(selected(head))
+    measured = sum(1 for row in rows_head for v in (row[2] or []) if v is not None and v == v)
+    print(f"gate: {measured} measured combinations at head; only significant changes are listed", flush=True)
     worsened, improved = Compare.print_table(
-        conf, base, head, factor=args.factor, split=False, only_changed=False, sort="ratio",
+        conf, base, head, factor=args.factor, split=False, only_changed=True, sort="ratio",
         machine=machine, use_stats=True, commit_names={base: args.base, head: args.head},
-        resultset_1=selected(base), resultset_2=selected(head),
+        resultset_1=iter(rows_base), resultset_2=iter(rows_head),
     )
     print("gate: SLOWER beyond threshold" if worsened else "gate: no significant slowdown", flush=True)
     return 1 if worsened else 0

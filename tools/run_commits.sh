@@ -10,13 +10,13 @@
 # here). The current checkout's engine is reinstalled at the end. Results of other commits are
 # never touched: asv writes one file per commit; a benchmark that crashes or times out is
 # recorded as failed for that commit and the run goes on (the exit status is then 2).
-# REGEX defaults to the tier selection (common.TIER_SELECTION).
+# REGEX defaults to the tier's forward-pass series (common.FORWARD_SELECTION).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 select=""
 if [ "${1:-}" = "-b" ]; then select=$2; shift 2; fi
 [ $# -gt 0 ] || { echo "usage: $0 [-b REGEX] COMMIT [COMMIT ...]" >&2; exit 2; }
-[ -n "$select" ] || select=$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.TIER_SELECTION[common.TIER])')
+[ -n "$select" ] || select=$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.FORWARD_SELECTION[common.TIER])')
 machine=$(python3 tools/asv_machine.py)
 tmp=$(mktemp -d)
 trap 'git worktree prune; rm -rf "$tmp"; python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null' EXIT

@@ -1,7 +1,15 @@
 """esmflash: ESM-2 inference on packed (unpadded) batches through FlashAttention varlen kernels."""
 
 from .attention import BACKENDS, available_backends, resolve_backend
-from .embed import Embeddings, embed, split_per_sequence
+from .embed import (
+    BatchOutput,
+    EmbeddingAccumulator,
+    Embeddings,
+    embed,
+    embed_batch,
+    embed_batches,
+    split_per_sequence,
+)
 from .errors import (
     BackendUnavailableError,
     DuplicateIdError,
@@ -11,6 +19,7 @@ from .errors import (
     FlashAttentionNotActiveError,
     InvalidSequenceError,
     NumericalError,
+    RankFailedError,
     SequenceTooLongError,
     TokenBudgetError,
 )

@@ -3,7 +3,8 @@
     esmflash embed IN.fasta -o OUT.npz [--model NAME|PATH] [--precision {fp32,fp16,bf16}]
         [--max-tokens N] [--device DEVICE] [--repr-layers L [L ...]] [--per-token]
         [--long-policy {error,truncate,chunk}] [--attention {auto,fa4,flash_attn,torch_flash,sdpa}]
-        [--seed N] [--no-progress]
+        [--seed N] [--no-progress] [--resumable] [--restart]
+    torchrun --nproc-per-node N -m esmflash embed IN.fasta -o OUT.npz ...
 
 IN '-' reads standard input. All input is read, validated and packed before the model is loaded,
 so bad input fails in seconds. Defaults: --model esm2_t33_650M_UR50D, --device cuda when available
@@ -33,21 +34,35 @@ D is the model's embedding width. L_i is the number of residues embedded: the fu
 in the output's directory and renamed onto OUT only when complete: a failed run leaves an
 existing OUT untouched.
 
+Several GPUs (esmflash.distributed): under torchrun (WORLD_SIZE > 1) every rank reads and packs
+the whole input as a single process does and embeds whole batches, balanced by tokens (NCCL and
+cuda:LOCAL_RANK on GPUs, gloo on the CPU); rank 0 writes OUT with the ids, order and values of a
+single-process run. IN must be a file. Work is committed in work units under OUT.parts/ (one
+checksummed file per unit, plus manifest.json; esmflash.workdir): a killed job rerun with the same
+command skips the finished units and redoes corrupt ones; a rerun with other input, model or
+options is refused: rerun it with --restart to discard the old work. OUT.parts/ is removed once
+OUT is written. --resumable (or --restart) runs a single process the same way. Rank 0 alone prints progress, warnings,
+errors and the summary, whose tokens/s is the job's (all ranks, model loading excluded).
+
 Exit status: 0 on success; 2 on a usage error, bad input (one line `esmflash: error: ...` on
-stderr) or an unreadable/unwritable file. Progress (tokens/s) and a one-line summary go to stderr.
+stderr) or an unreadable/unwritable file; 1 when a rank of a torchrun job fails (one line naming
+the rank and the work unit; finished units are kept for a rerun). Progress (tokens/s) and a
+one-line summary go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import pickle
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -57,12 +72,15 @@ from tqdm import tqdm
 import esm
 
 from . import __version__
+from .atomic import AtomicFile
 from .attention import BACKENDS, resolve_backend
-from .embed import Embeddings, embed_batches
-from .errors import EsmflashError
+from .distributed import Ranks, assign_units, env_rank, env_world_size, run_units
+from .embed import Embeddings, embed_batches, model_info
+from .errors import EsmflashError, RankFailedError
 from .fasta import read_fasta
-from .models import ESM2_ARCHITECTURES, PRECISIONS, load_esm2_model
-from .packing import LONG_POLICIES, pack_sequences
+from .models import ESM2_ARCHITECTURES, PRECISIONS, PackedESM2, find_checkpoint, load_esm2_model
+from .packing import LONG_POLICIES, PackedBatch, pack_sequences
+from .workdir import WorkDir, WorkUnit, plan_units
 
 DEFAULT_MODEL = "esm2_t33_650M_UR50D"
 DEFAULT_MAX_TOKENS = 16384
@@ -93,24 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="varlen attention backend (default auto: the fastest available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights used when no checkpoint is found")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resumable", action="store_true",
+                   help="commit work in shards under OUT.parts/ so a killed run resumes (always on under torchrun)")
+    p.add_argument("--restart", action="store_true",
+                   help="a resumable run that first discards the work left in OUT.parts/ by an earlier run")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 bad input or file error)."""
+    """Run the command line; returns the exit status (0 ok, 2 bad input or file error, 1 a rank failed)."""
     args = build_parser().parse_args(argv)
     # Show library warnings (e.g. "using seeded random weights") on the current stderr.
     handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
+    handler.setLevel(logging.WARNING if not env_rank() else logging.ERROR)  # torchrun: rank 0 warns for all
     handler.setFormatter(logging.Formatter("esmflash: %(levelname)s: %(message)s"))
     logger = logging.getLogger("esmflash")
     logger.addHandler(handler)
     try:
         return _embed_command(args)
-    except (EsmflashError, OSError) as e:
+    except (EsmflashError, OSError, RankFailedError) as e:
+        status = 1 if isinstance(e, RankFailedError) else 2
+        rank = env_rank()  # None unless one of several torchrun processes
+        if getattr(e, "on_all_ranks", False) and rank:
+            return status  # every rank raised it alike: rank 0 reports it
         message = " ".join(str(e).split())  # exactly one line
+        if rank is not None and not getattr(e, "on_all_ranks", False):
+            message = f"rank {rank}: {message}"
         print(f"esmflash: error: {message}", file=sys.stderr)
-        return 2
+        return status
     finally:
         logger.removeHandler(handler)
 
@@ -157,11 +185,25 @@ def _resolve_layers(requested: Sequence[int] | None, num_layers: int) -> list[in
     return sorted(out)
 
 
-def _embed_command(args: argparse.Namespace) -> int:
-    device = _resolve_device(args.device)
-    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
+@dataclass
+class _Job:
+    """Validated, packed input and the resolved configuration of one run."""
 
-    # 1. Read, validate and pack all input; check the configuration. No model yet.
+    records: list[tuple[str, str]]
+    ids: list[str]
+    batches: list[PackedBatch]
+    precision: str
+    attention_backend: str
+    out_path: str
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(b.num_tokens for b in self.batches)
+
+
+def _prepare(args: argparse.Namespace, device: torch.device) -> _Job:
+    """Read, validate and pack all input and check the configuration. No model yet."""
+    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     records = read_fasta(sys.stdin if args.input == "-" else args.input)
     ids = [seq_id for seq_id, _ in records]
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")  # the alphabet of every ESM-2 model
@@ -169,56 +211,174 @@ def _embed_command(args: argparse.Namespace) -> int:
         batches = pack_sequences(records, alphabet, args.max_tokens, args.long_policy)
     if args.model in ESM2_ARCHITECTURES:
         _resolve_layers(args.repr_layers, ESM2_ARCHITECTURES[args.model][0])
-    resolve_backend(args.attention, device, PRECISIONS[precision])  # BackendUnavailableError
+    backend = resolve_backend(args.attention, device, PRECISIONS[precision])  # BackendUnavailableError
     out_path = os.path.abspath(args.output)
     if os.path.isdir(out_path):
         raise EsmflashError(f"output {args.output!r} is a directory")
+    return _Job(records, ids, batches, precision, backend, out_path)
+
+
+def _load_model(args: argparse.Namespace, device: torch.device, precision: str) -> tuple[PackedESM2, list[int]]:
+    """The model and the resolved --repr-layers."""
+    with _as_user_error():
+        try:
+            model, _ = load_esm2_model(args.model, precision=precision, device=device,
+                                       attention=args.attention, seed=args.seed)
+        except pickle.UnpicklingError as e:
+            raise EsmflashError(f"{args.model}: not a fair-esm checkpoint ({e})") from e
+    return model, _resolve_layers(args.repr_layers, model.num_layers)
+
+
+def _progress_bar(args: argparse.Namespace, total: int, initial: int = 0, show: bool = True) -> tqdm:
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="embed", file=sys.stderr,
+                disable=True if args.no_progress or not show else None)  # None: off when stderr is not a tty
+
+
+def _save(out: AtomicFile, emb: Embeddings, layers: list[int], args: argparse.Namespace) -> None:
+    """Write the .npz file (see the module docstring) and rename it onto OUT."""
+    meta = dict(emb.info, esmflash_version=__version__, repr_layers=layers, long_policy=args.long_policy)
+    np.savez(out.file, **_output_arrays(emb, layers, args.per_token, meta))
+    out.commit()
+
+
+def _embed_command(args: argparse.Namespace) -> int:
+    device = _resolve_device(args.device)
+    if env_world_size() > 1 or args.resumable or args.restart:
+        return _embed_sharded(args, device)
+
+    # 1. Read, validate and pack all input; check the configuration. No model yet.
+    job = _prepare(args, device)
 
     # 2. Open the temporary output now: an unwritable directory fails before any compute.
-    tmp = tempfile.NamedTemporaryFile(dir=os.path.dirname(out_path), prefix=".esmflash-", suffix=".npz", delete=False)
-    try:
-        with _as_user_error():
-            try:
-                model, _ = load_esm2_model(args.model, precision=precision, device=device,
-                                           attention=args.attention, seed=args.seed)
-            except pickle.UnpicklingError as e:
-                raise EsmflashError(f"{args.model}: not a fair-esm checkpoint ({e})") from e
-        layers = _resolve_layers(args.repr_layers, model.num_layers)
+    with AtomicFile(job.out_path, suffix=".npz") as out:
+        model, layers = _load_model(args, device, job.precision)
 
         # 3. Embed.
-        total_tokens = sum(b.num_tokens for b in batches)
-        bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="embed", file=sys.stderr,
-                   disable=True if args.no_progress else None)  # None: off when stderr is not a tty
+        total_tokens = job.num_tokens
+        bar = _progress_bar(args, total_tokens)
         start = time.perf_counter()
         with bar:
-            emb = embed_batches(model, batches, len(ids), ids, layers, args.per_token, progress=bar.update)
+            emb = embed_batches(model, job.batches, len(job.ids), job.ids, layers, args.per_token,
+                                progress=bar.update)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
 
         # 4. Write: complete temporary file, then rename onto OUT.
-        meta = dict(emb.info, esmflash_version=__version__, repr_layers=layers, long_policy=args.long_policy)
-        np.savez(tmp, **_output_arrays(emb, layers, args.per_token, meta))
-        tmp.flush()
-        os.fsync(tmp.fileno())
-        tmp.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp.name, 0o666 & ~umask)  # mkstemp makes 0600; give OUT the usual permissions
-        os.replace(tmp.name, out_path)
-    except BaseException:
-        tmp.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp.name)
-        raise
+        _save(out, emb, layers, args)
 
     print(
-        f"esmflash: embedded {len(ids)} sequences, {total_tokens} tokens (BOS/EOS included) in {seconds:.2f} s "
+        f"esmflash: embedded {len(job.ids)} sequences, {total_tokens} tokens (BOS/EOS included) in {seconds:.2f} s "
         f"({total_tokens / max(seconds, 1e-9):,.0f} tokens/s); weights {model.weights_source}; "
         f"attention {model.attention_backend}; wrote {args.output}",
         file=sys.stderr,
     )
     return 0
+
+
+def _embed_sharded(args: argparse.Namespace, device: torch.device) -> int:
+    """A resumable run in work units, on one process or on every rank of a torchrun job."""
+    if args.input == "-" and env_world_size() > 1:
+        raise EsmflashError("torchrun ranks cannot share standard input: pass a FASTA file")
+    ranks = Ranks.start(device)
+    try:
+        return _run_sharded(args, ranks)
+    finally:
+        ranks.close()
+
+
+def _run_sharded(args: argparse.Namespace, ranks: Ranks) -> int:
+    device = ranks.device
+    # 1. Every rank reads, validates and packs all input exactly as a single process does, so every
+    #    rank holds the same batches and work units; ranks started differently are refused.
+    job = ranks.agree(lambda: _prepare(args, device))
+    units = plan_units(job.batches)
+    manifest = _manifest(args, job, device, units)
+    ranks.check_same("input, options or model", manifest)
+
+    # 2. Rank 0 opens the work directory OUT.parts/ (refusing another job's): finished units are skipped.
+    workdir = WorkDir(job.out_path + ".parts")
+    done = ranks.agree(lambda: workdir.open(manifest, units, args.restart) if ranks.rank == 0 else set())
+    done = ranks.gather(done)[0]
+
+    # 3. Every rank loads the model (a failure removes a work directory this run made).
+    try:
+        model, layers = ranks.agree(lambda: _load_model(args, device, job.precision))
+    except BaseException:
+        if workdir.created:
+            with contextlib.suppress(OSError):
+                workdir.remove()
+        raise
+    ranks.check_same("model", model_info(model))
+
+    # 4. Embed the units left, whole units per rank balancing tokens; time excludes model loading.
+    todo = [u for u in units if u.number not in done]
+    total_tokens = job.num_tokens
+    resumed_tokens = total_tokens - sum(u.tokens for u in todo)
+    bar = _progress_bar(args, total_tokens, resumed_tokens, show=ranks.rank == 0)
+    start = time.perf_counter()
+    with bar:
+        tokens = 0
+        if todo:
+            assignment = assign_units(todo, ranks.world_size)
+            tokens = run_units(ranks, model, job.batches, assignment, workdir, layers, args.per_token,
+                               progress=bar.update)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if ranks.rank != 0:
+        return 0
+
+    # 5. Rank 0 stitches the shards, in batch order, into OUT and removes the work directory.
+    merge_start = time.perf_counter()
+    emb = workdir.merge(units, job.batches, job.ids, layers, model.embed_dim, args.per_token, model_info(model))
+    with AtomicFile(job.out_path, suffix=".npz") as out:
+        _save(out, emb, layers, args)
+    workdir.remove()
+    merge_seconds = time.perf_counter() - merge_start
+
+    resumed = f"; resumed {len(units) - len(todo)} of {len(units)} work units ({resumed_tokens} tokens)" \
+        if len(todo) < len(units) else ""
+    print(
+        f"esmflash: embedded {len(job.ids)} sequences, {tokens} tokens (BOS/EOS included) in {seconds:.2f} s "
+        f"({tokens / max(seconds, 1e-9):,.0f} tokens/s) on {ranks.world_size} rank(s){resumed}; "
+        f"merge {merge_seconds:.2f} s; weights {model.weights_source}; attention {model.attention_backend}; "
+        f"wrote {args.output}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _manifest(args: argparse.Namespace, job: _Job, device: torch.device, units: list[WorkUnit]) -> dict:
+    """What a resumable job is: a rerun must match it exactly to reuse finished work units."""
+    digest = hashlib.sha256()
+    for seq_id, seq in job.records:
+        digest.update(f"{seq_id}\0{seq}\n".encode())
+    known = args.model in ESM2_ARCHITECTURES
+    checkpoint = find_checkpoint(args.model) if known else Path(args.model)
+    if checkpoint is None:
+        weights = f"random-init:seed={args.seed}"
+    elif checkpoint.is_file():
+        stat = checkpoint.stat()
+        weights = f"checkpoint:{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    else:
+        weights = f"checkpoint:{checkpoint.resolve()}:missing"
+    return {
+        "format": 1,
+        "esmflash_version": __version__,
+        "input_sha256": digest.hexdigest(),
+        "num_sequences": len(job.ids),
+        "model": args.model if known else os.path.abspath(args.model),
+        "weights": weights,
+        "precision": job.precision,
+        "device_type": device.type,
+        "attention_backend": job.attention_backend,
+        "repr_layers": sorted(set(args.repr_layers)) if args.repr_layers else "last",
+        "per_token": bool(args.per_token),
+        "long_policy": args.long_policy,
+        "max_tokens": args.max_tokens,
+        "units": [[u.first, u.stop, u.tokens] for u in units],
+    }
 
 
 def _output_arrays(emb: Embeddings, layers: list[int], per_token: bool, meta: dict) -> dict[str, np.ndarray]:

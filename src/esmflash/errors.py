@@ -68,6 +68,10 @@ class BackendUnavailableError(EsmflashError):
     """The requested attention backend cannot run on this device / dtype / installation."""
 
 
+class RankFailedError(RuntimeError):
+    """A rank of a multi-process (torchrun) job failed; names the rank and the work unit."""
+
+
 class FlashAttentionNotActiveError(RuntimeError):
     """A forward pass that should run FlashAttention kernels ran other kernels instead."""
 

@@ -12,14 +12,22 @@ import os
 import re
 from argparse import Namespace
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 import esm
 from esm.model.esm2 import ESM2
 
 from .attention import resolve_backend, varlen_attention
+from .fused import (
+    attention_inputs_eager,
+    attention_output,
+    compiled_layer_functions,
+    fuse_parameters,
+    is_view_of,
+    rotary_half_tables,
+)
 from .numerics import check_finite
 from .packing import PackedBatch
 
@@ -41,12 +49,19 @@ MASK_RATIO_TRAIN = 0.15 * 0.8  # token dropout: fraction of tokens replaced by <
 class PackedESM2(ESM2):
     """fair-esm ESM2 plus `forward_packed`. Attributes set by `load_esm2_model`:
     model_name, weights_source ("checkpoint:<path>" or "random-init:seed=N"), precision,
-    attention_backend."""
+    attention_backend, forward_impl ("eager" or "compiled", see `set_compile`).
+
+    Each layer's q_proj/k_proj/v_proj weights [D, D] and biases [D] live back to back in one
+    [3D, D] / [3D] tensor (`prepare_packed`), so `forward_packed` runs one QKV GEMM without
+    concatenating anything, while the stock `forward` and `state_dict` see the usual parameters."""
 
     model_name: str = "esm2"
     weights_source: str = "unknown"
     precision: str = "fp32"
     attention_backend: str = "sdpa"
+    forward_impl: str = "eager"
+    compile_mode: str | None = None
+    _qkv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -61,14 +76,77 @@ class PackedESM2(ESM2):
         self.attention_backend = resolve_backend(name, self.device, self.dtype)
         return self.attention_backend
 
+    def set_compile(self, enabled: bool = True, mode: str | None = None) -> str:
+        """Select the layer implementation of `forward_packed` and return it (`forward_impl`):
+        "compiled" runs LayerNorm + QKV + rotary and out_proj + MLP of every layer through two
+        torch.compile'd functions (attention stays eager; see esmflash.fused), "eager" plain
+        PyTorch ops. `mode` is torch.compile's (None = default). The first compiled forward per
+        model shape and dtype compiles (seconds to a minute); later batch sizes do not recompile."""
+        self.forward_impl = "compiled" if enabled else "eager"
+        self.compile_mode = mode if enabled else None
+        return self.forward_impl
+
+    # ------------------------------------------------------------------------- fused QKV weights
+
+    @staticmethod
+    def _qkv_params(layer) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """([q, k, v] weights [D, D], [q, k, v] biases [D]) of one layer (dict lookups: this runs
+        for every layer of every forward)."""
+        modules = layer._modules["self_attn"]._modules
+        projs = [modules[name]._parameters for name in ("q_proj", "k_proj", "v_proj")]
+        return [p["weight"] for p in projs], [p["bias"] for p in projs]
+
+    def prepare_packed(self) -> None:
+        """Lay every layer's q/k/v weights and biases out back to back in one tensor (copying only
+        where they are not already) and re-point the parameters at their blocks: no extra memory,
+        state_dict unchanged, in-place weight edits and load_state_dict seen by both forwards.
+        Runs after every .to()/.half()/.cuda() (see `_apply`) and again from `forward_packed`
+        whenever a q/k/v parameter was replaced."""
+        cache = []
+        for layer in self.layers:
+            weights, biases = self._qkv_params(layer)
+            cache.append((fuse_parameters(weights), fuse_parameters(biases)))
+        self._qkv_cache = cache
+
+    def _fused_qkv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (qkv weight [3D, D], qkv bias [3D]), checked to still back the parameters.
+        With autograd recording into q/k/v (training), concatenated copies instead, so gradients
+        reach the parameters."""
+        if torch.is_grad_enabled() and any(
+            p.requires_grad for layer in self.layers for ps in self._qkv_params(layer) for p in ps
+        ):
+            return [tuple(torch.cat(ps) for ps in self._qkv_params(layer)) for layer in self.layers]
+        cache = self._qkv_cache
+        if cache is None or len(cache) != len(self.layers) or not all(
+            is_view_of(w, ws) and is_view_of(b, bs)
+            for (w, b), (ws, bs) in zip(cache, map(self._qkv_params, self.layers))
+        ):
+            self.prepare_packed()
+            cache = self._qkv_cache
+        return cache
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.half()/.cuda() give every parameter its own new tensor: lay q/k/v out fused again.
+        result = super()._apply(fn, recurse)
+        if "layers" in self._modules:
+            self.prepare_packed()
+        return result
+
+    def __getstate__(self):
+        # The fused views are rebuilt on demand: pickling or deep-copying them would duplicate
+        # the q/k/v memory next to the copied parameters.
+        state = dict(super().__getstate__())  # a copy: never edit the live __dict__
+        state.pop("_qkv_cache", None)
+        return state
+
+    # ------------------------------------------------------------------------- packed forward
+
     def rotary_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, head_dim] in fp32 for per-token positions [T] (inv_freq rebuilt in fp32, so
-        a half-precision model does not inherit half-precision angles)."""
-        head_dim = self.embed_dim // self.attention_heads
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-        angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos(), angles.sin()
+        a half-precision model does not inherit half-precision angles). Both halves of the last
+        dim are equal; forward_packed uses the half tables (fused.rotary_half_tables)."""
+        cos, sin = rotary_half_tables(positions, self.embed_dim // self.attention_heads)
+        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
 
     def _embed_packed(self, batch: PackedBatch) -> torch.Tensor:
         tokens = batch.input_ids
@@ -84,18 +162,18 @@ class PackedESM2(ESM2):
             x = x * scale[batch.seq_index][:, None].to(x.dtype)
         return x
 
-    def _layer_packed(self, layer, x, cos, sin, batch: PackedBatch) -> torch.Tensor:
-        attn = layer.self_attn
-        t, d = x.shape
-        h = layer.self_attn_layer_norm(x)
-        w = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
-        b = torch.cat((attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias))
-        q, k, v = F.linear(h, w, b).view(t, 3, self.attention_heads, -1).unbind(1)  # [T, H, Dh]
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def _layer_packed(self, layer, qkv: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+                      cos_h: torch.Tensor, sin_h: torch.Tensor, batch: PackedBatch,
+                      pre: Callable, post: Callable) -> torch.Tensor:
+        """One layer: x [T, D] -> [T, D]. pre/post: the fused.attention_inputs(_eager) and
+        fused.attention_output implementations (eager or compiled)."""
+        attn, ln1, ln2 = layer.self_attn, layer.self_attn_layer_norm, layer.final_layer_norm
+        q, k, v = pre(x, ln1.weight, ln1.bias, ln1.eps, qkv[0], qkv[1], cos_h, sin_h)
         o = varlen_attention(self.attention_backend, q, k, v, batch.cu_seqlens, batch.max_seqlen, attn.scaling)
-        x = x + attn.out_proj(o.reshape(t, d))
-        h = layer.final_layer_norm(x)
-        return x + layer.fc2(F.gelu(layer.fc1(h)))
+        return post(
+            x, o, attn.out_proj.weight, attn.out_proj.bias, ln2.weight, ln2.bias, ln2.eps,
+            layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias,
+        )
 
     def forward_packed(
         self,
@@ -109,18 +187,26 @@ class PackedESM2(ESM2):
         Returns {"representations": {layer: [T, D]}, "logits": [T, 33] (if return_logits)} in
         packed layout, with fair-esm's layer numbering (0 = embeddings after token dropout,
         num_layers = after the final LayerNorm). Output is always checked for NaN/Inf
-        (NumericalError); check_layers=True checks after every layer too."""
+        (NumericalError); check_layers=True checks after every layer too. `forward_impl` picks
+        eager or compiled layer math; both give the same results up to rounding."""
         repr_layers = set(repr_layers)
         bad = [r for r in repr_layers if not 0 <= r <= self.num_layers]
         if bad:
             raise ValueError(f"repr_layers {bad} out of range 0..{self.num_layers}")
+        if self.forward_impl == "compiled":
+            pre, post = compiled_layer_functions(self.compile_mode)
+        elif self.forward_impl == "eager":
+            pre, post = attention_inputs_eager, attention_output
+        else:
+            raise ValueError(f"forward_impl must be 'eager' or 'compiled', got {self.forward_impl!r}")
+        qkv = self._fused_qkv()
         x = self._embed_packed(batch)
         reps: dict[int, torch.Tensor] = {}
         if 0 in repr_layers:
             reps[0] = x
-        cos, sin = self.rotary_tables(batch.positions)
+        cos_h, sin_h = rotary_half_tables(batch.positions, self.embed_dim // self.attention_heads)
         for i, layer in enumerate(self.layers):
-            x = self._layer_packed(layer, x, cos, sin, batch)
+            x = self._layer_packed(layer, qkv[i], x, cos_h, sin_h, batch, pre, post)
             if check_layers:
                 check_finite(x, f"layer {i + 1}", batch)
             if i + 1 in repr_layers and i + 1 != self.num_layers:
@@ -135,14 +221,6 @@ class PackedESM2(ESM2):
         else:
             check_finite(x, "final layer norm", batch)
         return result
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (non-interleaved halves) of x [T, H, Dh] with cos/sin [T, Dh], fp32 math."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
 
 
 def _default_device() -> torch.device:
@@ -201,6 +279,7 @@ def load_esm2_model(
     device: str | torch.device | None = None,
     attention: str = "auto",
     seed: int = 0,
+    compile: bool = False,
 ) -> tuple[PackedESM2, esm.data.Alphabet]:
     """Load an ESM-2 model for packed inference: (model, alphabet), like fair-esm's loaders.
 
@@ -210,6 +289,8 @@ def load_esm2_model(
     downloaded. `model.weights_source` says which happened. Random weights depend on `seed` and on
     the device type they are drawn on (CPU and CUDA generators differ).
     precision: "fp32", "fp16" or "bf16". attention: "auto" or a backend (see esmflash.attention).
+    compile: run the layers through torch.compile (`PackedESM2.set_compile`; `model.forward_impl`
+    records the choice); the default is the eager path.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
@@ -234,15 +315,23 @@ def load_esm2_model(
     model.model_name = path.stem if name not in ESM2_ARCHITECTURES else name
     model = model.to(dtype=PRECISIONS[precision]).eval().requires_grad_(False)
     model.precision = precision
+    model.prepare_packed()
     model.set_attention_backend(attention)
+    model.set_compile(compile)
     return model, model.alphabet
 
 
-def cast_model(model: PackedESM2, precision: str, attention: str = "auto") -> PackedESM2:
-    """A copy of `model` with the same weights in another precision (for fp32-reference checks)."""
+def cast_model(
+    model: PackedESM2, precision: str, attention: str = "auto", *, compile: bool | None = None
+) -> PackedESM2:
+    """A copy of `model` with the same weights in another precision (for fp32-reference checks).
+    compile: the copy's `set_compile` choice (None keeps the model's)."""
     import copy
 
-    other = copy.deepcopy(model).to(dtype=PRECISIONS[precision])
+    other = copy.deepcopy(model).to(dtype=PRECISIONS[precision])  # .to() re-fuses q/k/v
     other.precision = precision
+    other.prepare_packed()
     other.set_attention_backend(attention)
+    if compile is not None:
+        other.set_compile(compile, model.compile_mode if compile else None)
     return other

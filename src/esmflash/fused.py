@@ -1,0 +1,204 @@
+"""Layer math of the packed forward pass as pure functions of tensors, and fused QKV storage.
+
+Shapes: T packed tokens, D model width, H heads, Dh = D / H head width, F = 4 D FFN width.
+
+One ESM-2 layer is split around the varlen attention call:
+
+  attention_inputs   x [T, D] -> LayerNorm -> one QKV GEMM [T, 3, H, Dh] -> rotary on q, k -> q, k, v
+  attention_output   x [T, D], o [T, H, Dh] -> out_proj + residual -> LayerNorm -> fc1 -> GELU
+                     -> fc2 + residual -> x [T, D]
+
+Weights come in as arguments, so one compiled graph of each half serves every layer of a model
+(`compiled_layer_functions`): the token count T is the only dynamic dimension, and D, H, Dh stay
+static, so a model compiles once per dtype whatever the batch size. Rotary math is fp32 whatever
+the model dtype (cos/sin tables in fp32, one rounding back to the model dtype).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- fused QKV storage
+
+
+def fused_view(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor that `parts` are consecutive blocks of, as a view (no copy), or None.
+
+    parts: same-shape tensors ([D, D] weights or [D] biases) that must be contiguous and lie back
+    to back in one storage, in order; the view is [len(parts) * rows, ...] over that memory."""
+    first = parts[0]
+    if not first.is_contiguous():
+        return None
+    storage = first.untyped_storage().data_ptr()
+    offset, n = first.storage_offset(), first.numel()
+    for i, p in enumerate(parts[1:], start=1):
+        if (
+            p.shape != first.shape
+            or p.dtype != first.dtype
+            or not p.is_contiguous()
+            or p.untyped_storage().data_ptr() != storage
+            or p.storage_offset() != offset + i * n
+        ):
+            return None
+    shape = (len(parts) * first.shape[0], *first.shape[1:])
+    return first.detach().as_strided(shape, first.stride())
+
+
+def fuse_parameters(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """One contiguous tensor holding `params` back to back ([len * rows, ...]), with each param's
+    `.data` re-pointed at its block, so they share memory from then on (same Parameter objects,
+    so state_dict keys and optimizer references are unchanged). Copies only when the params are
+    not already laid out that way."""
+    view = fused_view(params)
+    if view is not None:
+        return view
+    with torch.no_grad():
+        fused = torch.cat([p.detach() for p in params])
+    rows = params[0].shape[0]
+    for i, p in enumerate(params):
+        p.data = fused[i * rows : (i + 1) * rows]
+    return fused
+
+
+def is_view_of(fused: torch.Tensor, parts: Sequence[torch.Tensor]) -> bool:
+    """Whether `parts` still start where the consecutive blocks of `fused` do: a check of data
+    pointers only (~1 us per part). Enough while `fused` is alive, because its memory cannot be
+    handed to any other tensor then: a part that was cast, moved or replaced points elsewhere."""
+    step = parts[0].numel() * fused.element_size()
+    base = fused.data_ptr()
+    return all(p.data_ptr() == base + i * step for i, p in enumerate(parts))
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+
+
+def rotary_half_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, Dh/2] fp32 of the rotary angles position * 10000^(-2i/Dh), i < Dh/2, for
+    per-token positions [T]. ESM-2 rotates non-interleaved halves with the same angle, so half a
+    table is the whole information (fair-esm's full tables repeat it twice)."""
+    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (10000**exponent)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def rotate_qk(qk: torch.Tensor, cos_h: torch.Tensor, sin_h: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of q and k together, out of place (the form torch.compile fuses into one
+    kernel): qk [T, 2, H, Dh], cos_h/sin_h [T, Dh/2] fp32 -> [T, 2, H, Dh] in qk's dtype.
+    Halves [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], in fp32."""
+    half = qk.shape[-1] // 2
+    x1, x2 = qk[..., :half].float(), qk[..., half:].float()
+    c, s = cos_h[:, None, None, :], sin_h[:, None, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(qk.dtype)
+
+
+def rotate_qk_(qk: torch.Tensor, cos_h: torch.Tensor, sin_h: torch.Tensor) -> torch.Tensor:
+    """`rotate_qk` in place, for the eager path: five elementwise kernels on a view into the QKV
+    projection output instead of two fp32 copies of q and k. fp32 math (fp16/bf16 halves are
+    promoted by the fp32 tables), one rounding into qk. Falls back to `rotate_qk` when autograd
+    records (out= ops and overwritten inputs cannot be differentiated)."""
+    if qk.requires_grad and torch.is_grad_enabled():
+        return rotate_qk(qk, cos_h, sin_h)
+    half = qk.shape[-1] // 2
+    x1, x2 = qk[..., :half], qk[..., half:]
+    c, s = cos_h[:, None, None, :], sin_h[:, None, None, :]
+    r1 = x1 * c  # fp32
+    r2 = x2 * c  # fp32
+    r2.addcmul_(x1, s)  # x2 cos + x1 sin, read x1 before it is overwritten
+    torch.addcmul(r1, x2, s, value=-1, out=x1)  # x1 cos - x2 sin, rounded once into qk
+    x2.copy_(r2)
+    return qk
+
+
+# ----------------------------------------------------------------------------- layer halves
+
+
+def attention_inputs(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor,
+    cos_h: torch.Tensor,
+    sin_h: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm, fused QKV projection ([3D, D] weight, [3D] bias) and rotary on q and k, out of
+    place: x [T, D] -> q, k, v [T, H, Dh] (strided views; last dim contiguous)."""
+    t, d = x.shape
+    h = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
+    qkv = F.linear(h, qkv_weight, qkv_bias).view(t, 3, -1, 2 * cos_h.shape[1])
+    qk = rotate_qk(qkv[:, :2], cos_h, sin_h)
+    return qk[:, 0], qk[:, 1], qkv[:, 2]
+
+
+def attention_inputs_eager(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor,
+    cos_h: torch.Tensor,
+    sin_h: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`attention_inputs` with the rotary applied in place in the QKV buffer (fewer eager
+    kernels and no fp32 copies): x [T, D] -> q, k, v [T, H, Dh] views of one [T, 3, H, Dh]."""
+    t, d = x.shape
+    h = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
+    qkv = F.linear(h, qkv_weight, qkv_bias).view(t, 3, -1, 2 * cos_h.shape[1])
+    qk = rotate_qk_(qkv[:, :2], cos_h, sin_h)
+    return qk[:, 0], qk[:, 1], qkv[:, 2]
+
+
+def attention_output(
+    x: torch.Tensor,
+    o: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+) -> torch.Tensor:
+    """The rest of the layer after attention: x [T, D] residual stream, o [T, H, Dh] attention
+    output -> x [T, D]. Exact (erf) GELU, as fair-esm."""
+    t, d = x.shape
+    x = x + F.linear(o.reshape(t, d), out_weight, out_bias)
+    h = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
+    return x + F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+
+
+# ----------------------------------------------------------------------------- compiled halves
+
+
+def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        torch._dynamo.mark_dynamic(t, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_layer_functions(mode: str | None = None) -> tuple[Callable, Callable]:
+    """(attention_inputs, attention_output) compiled by torch.compile (inductor, `mode` as
+    torch.compile's), with the same signatures. Compiled with dynamic=False and dim 0 (tokens) of
+    every [T, ...] argument marked dynamic on each call: one graph per model shape and dtype, reused
+    by every layer and every batch size. Compilation happens on the first call, not here."""
+    pre = torch.compile(attention_inputs, dynamic=False, fullgraph=True, mode=mode)
+    post = torch.compile(attention_output, dynamic=False, fullgraph=True, mode=mode)
+
+    def compiled_attention_inputs(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, cos_h, sin_h):
+        _mark_tokens_dynamic(x, cos_h, sin_h)
+        return pre(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, cos_h, sin_h)
+
+    def compiled_attention_output(x, o, *weights):
+        _mark_tokens_dynamic(x, o)
+        return post(x, o, *weights)
+
+    return compiled_attention_inputs, compiled_attention_output

@@ -1,0 +1,273 @@
+"""The fast forward path on CPU in fp32: fused QKV storage (no copies, nothing stale, state_dict
+unchanged), the fused rotary against the original per-tensor formula, and the torch.compile'd
+layers against stock fair-esm, with one compiled graph per half for every layer and batch size."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import random
+
+import pytest
+import torch
+from esm.model.esm2 import ESM2
+from test_engine import (
+    _load,
+    acceptance_records,
+    assert_close,
+    packed_forward,
+    random_protein,
+    stock_reference,
+)
+
+from esmflash import cast_model, pack_sequences, relative_errors
+from esmflash.fused import attention_inputs, attention_inputs_eager, rotary_half_tables, rotate_qk, rotate_qk_
+
+# inductor's own compile step calls a deprecated torch.jit API
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model8():
+    return _load("esm2_t6_8M_UR50D")[0]
+
+
+def _rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The original forward_packed rotary: x [T, H, Dh], full tables [T, Dh], fp32 math."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+
+
+def _qkv_storages(model) -> list[tuple[int, int]]:
+    """(weight storage pointer, bias storage pointer) of q, k, v per layer; asserts they share."""
+    out = []
+    for layer in model.layers:
+        a = layer.self_attn
+        ws = {p.weight.untyped_storage().data_ptr() for p in (a.q_proj, a.k_proj, a.v_proj)}
+        bs = {p.bias.untyped_storage().data_ptr() for p in (a.q_proj, a.k_proj, a.v_proj)}
+        assert len(ws) == 1 and len(bs) == 1
+        out.append((ws.pop(), bs.pop()))
+    return out
+
+
+def _assert_fused(model) -> None:
+    """q/k/v parameters are consecutive blocks of the fused tensors forward_packed uses."""
+    fused = model._fused_qkv()
+    for layer, (w, b) in zip(model.layers, fused):
+        a = layer.self_attn
+        d = a.q_proj.weight.shape[0]
+        assert w.shape == (3 * d, d) and b.shape == (3 * d,)
+        assert w.dtype == b.dtype == model.dtype
+        assert torch.equal(w, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+        assert torch.equal(b, torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+        assert a.q_proj.weight.data_ptr() == w.data_ptr() and a.v_proj.bias.data_ptr() == b[2 * d :].data_ptr()
+    _qkv_storages(model)
+
+
+def _records(seed: int, lengths) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    return [(f"s{i}", random_protein(rng, n, 0.05)) for i, n in enumerate(lengths)]
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rotate_qk_matches_original_formula(dtype):
+    g = torch.Generator().manual_seed(0)
+    t, h, dh = 37, 4, 16
+    positions = torch.cat([torch.arange(20), torch.arange(17)])
+    cos_h, sin_h = rotary_half_tables(positions, dh)
+    cos, sin = torch.cat((cos_h, cos_h), -1), torch.cat((sin_h, sin_h), -1)
+    qkv = (torch.randn(t, 3, h, dh, generator=g) * 3).to(dtype)
+    ref_q, ref_k = _rotate_reference(qkv[:, 0], cos, sin), _rotate_reference(qkv[:, 1], cos, sin)
+    pure = rotate_qk(qkv[:, :2], cos_h, sin_h)
+    in_place = qkv.clone()
+    rotate_qk_(in_place[:, :2], cos_h, sin_h)
+    assert torch.equal(in_place[:, 2], qkv[:, 2])  # v untouched
+    for out in (pure, in_place[:, :2]):
+        assert out.dtype == dtype
+        for got, ref in ((out[:, 0], ref_q), (out[:, 1], ref_k)):
+            if dtype == torch.float32:
+                assert relative_errors(got, ref)[0] <= 1e-6
+            else:  # same fp32 math, one rounding: at most one unit in the last place apart
+                ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(torch.finfo(dtype).tiny)
+                assert ((got.float() - ref.float()).abs() <= ulp).all()
+
+
+def test_rotary_tables_unchanged(model8):
+    """Full tables are the half tables twice, and equal the original formula bit for bit."""
+    positions = torch.arange(1024)
+    dh = model8.embed_dim // model8.attention_heads
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = model8.rotary_tables(positions)
+    assert cos.dtype == sin.dtype == torch.float32
+    assert torch.equal(cos, angles.cos()) and torch.equal(sin, angles.sin())
+
+
+def test_eager_and_pure_attention_inputs_agree(model8):
+    layer = model8.layers[1]
+    ln = layer.self_attn_layer_norm
+    w, b = model8._fused_qkv()[1]
+    x = torch.randn(50, model8.embed_dim, generator=torch.Generator().manual_seed(1))
+    cos_h, sin_h = rotary_half_tables(torch.arange(50), model8.embed_dim // model8.attention_heads)
+    args = (x, ln.weight, ln.bias, ln.eps, w, b, cos_h, sin_h)
+    for a, r in zip(attention_inputs_eager(*args), attention_inputs(*args)):
+        assert a.shape == (50, model8.attention_heads, model8.embed_dim // model8.attention_heads)
+        assert a.stride(-1) == 1
+        assert relative_errors(a, r)[0] <= 1e-6
+
+
+# ----------------------------------------------------------------------------- fused QKV storage
+
+
+def test_fused_qkv_shares_memory_and_keeps_state_dict(model8):
+    _assert_fused(model8)
+    stock = ESM2(num_layers=6, embed_dim=320, attention_heads=20)
+    assert list(model8.state_dict()) == list(stock.state_dict())
+    assert sum(p.numel() for p in model8.parameters()) == sum(p.numel() for p in stock.parameters())
+    assert not any("qkv" in name for name, _ in model8.named_buffers())
+    # no duplicate memory: the parameters' storages hold exactly the parameters' bytes
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model8.parameters()}
+    assert sum(storages.values()) == sum(p.numel() * p.element_size() for p in model8.parameters())
+    before = _qkv_storages(model8)
+    model8.prepare_packed()  # idempotent: no copy when already fused
+    model8.to(torch.float32)
+    assert _qkv_storages(model8) == before
+
+
+def test_in_place_weight_edit_reaches_packed_forward(model8):
+    edited = cast_model(model8, "fp32")
+    records = _records(3, [1, 40, 120])
+    batches = pack_sequences(records, edited.alphabet, 1024)
+    before = packed_forward(edited, batches, [6])
+    edited.layers[2].self_attn.k_proj.weight.mul_(1.5)
+    edited.layers[4].self_attn.v_proj.bias.add_(0.25)
+    _assert_fused(edited)
+    out = packed_forward(edited, batches, [6])
+    assert_close(out, stock_reference(edited, records, [6]), [6, "logits"])
+    assert relative_errors(out["s1"][6], before["s1"][6])[0] > 1e-3  # the edit changed the result
+
+
+def test_checkpoint_round_trip_and_load_state_dict(model8, tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save(model8.state_dict(), path)
+    fresh, _ = _load("esm2_t6_8M_UR50D", seed=5)
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(loaded) == set(model8.state_dict())
+    fresh.load_state_dict(loaded)
+    _assert_fused(fresh)
+    for k, v in model8.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    records = _records(4, [2, 60, 200])
+    batches = pack_sequences(records, model8.alphabet, 512)
+    assert_close(packed_forward(fresh, batches, [6]), packed_forward(model8, batches, [6]), [6, "logits"], tol=0.0)
+    # assign=True swaps in new parameter tensors: forward_packed notices and fuses them again
+    other, _ = _load("esm2_t6_8M_UR50D", seed=6)
+    other.load_state_dict({k: v.clone() for k, v in loaded.items()}, assign=True)
+    assert_close(packed_forward(other, batches, [6]), stock_reference(other, records, [6]), [6, "logits"])
+    _assert_fused(other)
+
+
+def test_cast_copies_pickles_and_replaced_parameters_are_refused(model8):
+    half = cast_model(model8, "bf16")
+    _assert_fused(half)
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half._fused_qkv()[0][0], model8._fused_qkv()[0][0].to(torch.bfloat16))
+    assert {s for pair in _qkv_storages(half) for s in pair}.isdisjoint(
+        {s for pair in _qkv_storages(model8) for s in pair}
+    )
+    _assert_fused(model8)  # the source model keeps its own fused weights
+    double = cast_model(model8, "fp32").to(torch.float64)
+    _assert_fused(double)
+    assert double.dtype == torch.float64
+    # deepcopy and pickle do not carry the fused views (which would duplicate memory)
+    for clone in (copy.deepcopy(model8), pickle.loads(pickle.dumps(model8))):
+        assert clone._qkv_cache is None
+        _assert_fused(clone)
+        assert _qkv_storages(clone) != _qkv_storages(model8)
+    # a replaced parameter (or a submodule cast on its own) is re-fused by the next forward
+    replaced = cast_model(model8, "fp32")
+    new_q = torch.nn.Parameter(replaced.layers[0].self_attn.q_proj.weight.detach() * 2, requires_grad=False)
+    replaced.layers[0].self_attn.q_proj.weight = new_q
+    replaced.layers[1].self_attn.k_proj.double().float()  # a submodule cast on its own
+    _assert_fused(replaced)
+    assert replaced.layers[0].self_attn.q_proj.weight is new_q  # re-pointed, not replaced
+    assert torch.equal(replaced._fused_qkv()[0][0][:320], new_q * 1)
+
+
+def test_gradients_reach_qkv_parameters(model8):
+    """With autograd recording (training), forward_packed uses concatenated copies and the
+    out-of-place rotary, so q/k/v parameters receive gradients."""
+    trainable = cast_model(model8, "fp32").requires_grad_(True)
+    batch = pack_sequences(_records(5, [10, 30]), trainable.alphabet, 128)[0]
+    with torch.enable_grad():
+        rep = trainable.forward_packed(batch, repr_layers=[6])["representations"][6]
+        rep.square().mean().backward()
+    for layer in trainable.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            assert proj.weight.grad is not None and torch.isfinite(proj.weight.grad).all()
+            assert proj.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- compiled path
+
+
+def test_forward_impl_selection(model8):
+    assert model8.forward_impl == "eager" and model8.compile_mode is None
+    m, _ = _load("esm2_t6_8M_UR50D", compile=True)
+    assert m.forward_impl == "compiled"
+    assert cast_model(m, "fp32").forward_impl == "compiled"
+    assert cast_model(m, "fp32", compile=False).forward_impl == "eager"
+    assert m.set_compile(False) == "eager" and m.set_compile(True, mode="max-autotune") == "compiled"
+    assert m.compile_mode == "max-autotune"
+    m.forward_impl = "bogus"
+    batch = pack_sequences([("a", "ACD")], m.alphabet, 64)[0]
+    with pytest.raises(ValueError, match="forward_impl"):
+        m.forward_packed(batch)
+
+
+@pytest.fixture(scope="module")
+def compiled8(model8):
+    return cast_model(model8, "fp32", "sdpa", compile=True)
+
+
+def test_compiled_matches_stock_and_eager(compiled8, model8):
+    """Acceptance batch (lengths 1..1022, masks) plus two more batch sizes: stock-equal to 1e-5,
+    and after the first forward no batch size compiles a new graph."""
+    from torch._dynamo.utils import counters
+
+    assert compiled8.forward_impl == "compiled"
+    records = acceptance_records()
+    layers = [0, 3, 6]
+    batches = pack_sequences(records, compiled8.alphabet, max_tokens=4096)
+    out = packed_forward(compiled8, batches, layers)
+    assert_close(out, stock_reference(model8, records, layers), layers + ["logits"], what="compiled")
+    assert_close(out, packed_forward(model8, batches, layers), layers + ["logits"], what="compiled vs eager")
+    graphs = counters["stats"]["unique_graphs"]
+    for seed, lengths, budget in ((1, [3, 77, 250, 31], 400), (2, [500, 12, 140, 60, 9], 2048)):
+        recs = _records(seed, lengths)
+        bs = pack_sequences(recs, compiled8.alphabet, budget)
+        assert_close(packed_forward(compiled8, bs, [6]), stock_reference(model8, recs, [6]), [6, "logits"])
+    assert counters["stats"]["unique_graphs"] == graphs, "a new batch size recompiled"
+    # weights are graph inputs: an in-place edit is used without recompiling
+    edited = cast_model(compiled8, "fp32")
+    edited.layers[1].fc1.weight.mul_(0.5)
+    edited.layers[3].self_attn.q_proj.weight.mul_(2.0)
+    recs = _records(7, [20, 90])
+    assert_close(
+        packed_forward(edited, pack_sequences(recs, edited.alphabet, 256), [6]),
+        stock_reference(edited, recs, [6]),
+        [6, "logits"],
+    )
+    assert counters["stats"]["unique_graphs"] == graphs

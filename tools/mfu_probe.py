@@ -1,0 +1,227 @@
+"""MFU probe of PackedESM2.forward_packed on one CUDA GPU: eager vs compiled layer math.
+
+For each model/precision, forward_impl (eager, compiled) and token budget, on one packed batch of
+the "mixed" length class (log-normal residues, median 300, sigma 0.6, clipped to 30..1022, random
+standard amino acids; the benchmark suite's recipe with --seed), it prints: the first call's
+seconds (compile + warm-up), median ms per forward (CUDA events, after warm-up), tokens/s,
+achieved TFLOP/s and MFU against the measured fp16 8192^3 matmul rate (esmflash.perf), peak
+memory, graphs compiled by that config, and the max / mean relative error of last-layer
+representations against the fp32 model with the same weights (esmflash.numerics.relative_errors:
+max|a-b|/max|b|). Each config also prints one JSON line (lines starting with '{').
+
+    python tools/mfu_probe.py                        # 650M fp16+bf16, 3B bf16; 16384 and 32768
+    python tools/mfu_probe.py --configs esm2_t33_650M_UR50D:fp16 --budgets 16384 --impls compiled
+    python tools/mfu_probe.py --jsonl probe.jsonl    # also append the JSON lines to a file
+
+Weights: the real checkpoint when esmflash finds one on disk, else seeded random weights (the
+fp32 reference and the half model draw the same ones). A config that fails prints an "error"
+JSON line and the probe goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+# This checkout's esmflash wins over any installed copy: the probe measures the working tree.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import esm  # noqa: E402
+import torch  # noqa: E402
+
+import esmflash  # noqa: E402
+from esmflash import load_esm2_model, pack_sequences, relative_errors  # noqa: E402
+from esmflash.packing import PackedBatch  # noqa: E402
+from esmflash.perf import forward_flops, matmul_peak_flops, median, time_device  # noqa: E402
+
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+DEFAULT_CONFIGS = "esm2_t33_650M_UR50D:fp16,esm2_t33_650M_UR50D:bf16,esm2_t36_3B_UR50D:bf16"
+
+
+def mixed_records(total_tokens: int, seed: int) -> list[tuple[str, str]]:
+    """Records [(id, sequence)] of log-normal lengths filling at most total_tokens tokens
+    (BOS/EOS included), as benchmarks/common.length_class_records("mixed") draws them."""
+    rng = random.Random(f"{seed}:mixed")
+    lengths, used = [], 0
+    while True:
+        n = min(1022, max(30, round(rng.lognormvariate(math.log(300), 0.6))))
+        if used + n + 2 > total_tokens:
+            break
+        lengths.append(n)
+        used += n + 2
+    return [(f"mixed-{i}", "".join(rng.choices(AMINO_ACIDS, k=n))) for i, n in enumerate(lengths)]
+
+
+def mixed_batch(alphabet, budget: int, seed: int) -> PackedBatch:
+    batches = pack_sequences(mixed_records(budget, seed), alphabet, budget)
+    assert len(batches) == 1, "the records fill one budget"
+    return batches[0]
+
+
+def graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def free_cuda() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def reference_outputs(name: str, batches: dict[int, PackedBatch], seed: int, device) -> dict[int, torch.Tensor]:
+    """Last-layer representations [T, D] of the fp32 model (sdpa attention) per budget, on GPU."""
+    model, _ = load_esm2_model(name, precision="fp32", device=device, attention="sdpa", seed=seed)
+    layer = model.num_layers
+    refs = {b: model.forward_packed(batch, repr_layers=[layer])["representations"][layer] for b, batch in batches.items()}
+    torch.cuda.synchronize()
+    del model
+    free_cuda()
+    return refs
+
+
+@torch.no_grad()
+def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, args, peak_flops: float) -> dict:
+    """Time one (model, its forward_impl, batch): the first call (compile + warm-up), then
+    `args.warmup` untimed calls and `args.repeats` CUDA-event samples."""
+    layer = model.num_layers
+    graphs_before = graph_count()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+
+    def forward():
+        return model.forward_packed(batch, repr_layers=[layer])
+
+    t0 = time.perf_counter()
+    out = forward()["representations"][layer]
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    samples = time_device(forward, model.device, repeats=args.repeats, warmup=args.warmup)
+    sec = median(samples)
+    flops = forward_flops(batch.lengths, layer, model.embed_dim)
+    row = {
+        "model": model.model_name,
+        "precision": model.precision,
+        "forward_impl": model.forward_impl,
+        "compile_mode": model.compile_mode,
+        "attention": model.attention_backend,
+        "budget": budget,
+        "tokens": batch.num_tokens,
+        "sequences": batch.num_sequences,
+        "max_seqlen": batch.max_seqlen,
+        "first_call_s": round(first_s, 3),
+        "median_ms": round(sec * 1e3, 3),
+        "samples_ms": [round(s * 1e3, 3) for s in samples],
+        "tokens_per_s": round(batch.num_tokens / sec, 1),
+        "tflops": round(flops / sec / 1e12, 2),
+        "mfu_pct": round(100 * flops / sec / peak_flops, 2),
+        "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        "activation_peak_mib": round((torch.cuda.max_memory_allocated() - base) / 2**20, 1),
+        "new_graphs": graph_count() - graphs_before,
+    }
+    if ref is not None:
+        max_rel, mean_rel = relative_errors(out, ref)
+        row["max_rel_err"], row["mean_rel_err"] = max_rel, mean_rel
+    return row
+
+
+def print_row(row: dict) -> None:
+    err = f"{row['max_rel_err']:.2e}" if "max_rel_err" in row else "n/a"
+    print(
+        f"{row['model']:>20s} {row['precision']:>4s} {row['forward_impl']:>8s} T={row['tokens']:>5d} "
+        f"first {row['first_call_s']:7.2f}s  {row['median_ms']:8.2f} ms  {row['tokens_per_s'] / 1e3:7.1f}k tok/s  "
+        f"{row['tflops']:6.1f} TFLOP/s  MFU {row['mfu_pct']:5.1f}%  peak {row['peak_mem_mib'] / 1024:6.2f} GiB "
+        f"(+{row['activation_peak_mib'] / 1024:.2f})  graphs +{row['new_graphs']}  max rel err {err}",
+        flush=True,
+    )
+
+
+def emit(row: dict, args) -> None:
+    line = json.dumps(row, sort_keys=True)
+    print(line, flush=True)
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            f.write(line + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated MODEL:PRECISION")
+    parser.add_argument("--budgets", default="16384,32768", help="comma-separated token budgets")
+    parser.add_argument("--impls", default="eager,compiled", help="comma-separated forward_impl values")
+    parser.add_argument("--attention", default="auto", help="attention backend (auto: fastest available)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled impl")
+    parser.add_argument("--repeats", type=int, default=7, help="timed samples per config (>= 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first one")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the lengths/residues and of random weights")
+    parser.add_argument("--no-reference", action="store_true", help="skip the fp32 error check")
+    parser.add_argument("--jsonl", default=None, help="also append JSON lines to this file")
+    parser.add_argument("--device", default="cuda", help="a CUDA device (cuda, cuda:1, ...)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("mfu_probe: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    args.repeats = max(5, args.repeats)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    impls = args.impls.split(",")
+    configs: dict[str, list[str]] = {}
+    for item in args.configs.split(","):
+        name, precision = item.split(":")
+        configs.setdefault(name, []).append(precision)
+
+    t_start = time.perf_counter()
+    device = torch.device(args.device)
+    torch.cuda.set_device(device)
+    peak = matmul_peak_flops(device, torch.float16, 8192)
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "peak_tflops_fp16_8192": round(peak / 1e12, 1)}
+    print(f"# {env['gpu']}, torch {env['torch']} (CUDA {env['cuda']}), measured fp16 8192^3 matmul "
+          f"{env['peak_tflops_fp16_8192']} TFLOP/s; esmflash from {Path(esmflash.__file__).parent}", flush=True)
+
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")  # every ESM-2 model's alphabet
+    batches = {b: mixed_batch(alphabet, b, args.seed).to(device) for b in budgets}
+    for name, precisions in configs.items():
+        refs: dict[int, torch.Tensor] = {}
+        if not args.no_reference:
+            t_ref = time.perf_counter()
+            refs = reference_outputs(name, batches, args.seed, device)
+            print(f"# {name}: fp32 reference outputs in {time.perf_counter() - t_ref:.1f}s", flush=True)
+        for precision in precisions:
+            t_load = time.perf_counter()
+            model, _ = load_esm2_model(name, precision=precision, device=device, attention=args.attention, seed=args.seed)
+            print(f"# {name} {precision}: loaded in {time.perf_counter() - t_load:.1f}s, weights "
+                  f"{model.weights_source}, attention {model.attention_backend}", flush=True)
+            for impl in impls:
+                model.set_compile(impl == "compiled", args.compile_mode)
+                for b in budgets:
+                    try:
+                        row = probe_one(model, batches[b], b, refs.get(b), args, peak)
+                    except Exception as exc:  # report and go on: one broken config must not hide the rest
+                        traceback.print_exc()
+                        row = {"model": name, "precision": precision, "forward_impl": impl, "budget": b,
+                               "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
+                        print(f"{name} {precision} {impl} budget {b}: FAILED {row['error']}", flush=True)
+                        emit({**row, **env}, args)
+                        free_cuda()
+                        continue
+                    print_row(row)
+                    emit({**row, **env, "weights_source": model.weights_source}, args)
+            del model
+            free_cuda()
+        del refs
+        free_cuda()
+    print(f"# total {time.perf_counter() - t_start:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
