@@ -35,5 +35,7 @@ else
 fi
 echo "esmflash bench: suite took $(( $(date +%s) - start )) s (asv exit status $status)"
 python3 -m asv publish
+# Vendor the site's CDN libraries into html/vendor/ so html/ works offline (needs npm).
+python3 tools/vendor_site.py html || true
 echo "esmflash bench: published $(pwd)/html/index.html (view: python3 -m http.server -d html, then open http://localhost:8000)"
 exit $status

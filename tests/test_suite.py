@@ -6,9 +6,9 @@ temporary results/html/env tree; the repo's results/, html/ and .asv/ are never 
 asv's machine file goes to a temporary HOME, not ~/.asv-machine.json.
 
 The published asv 0.6.6 site loads jQuery, flot, bootstrap, stupidtable and blueimp-md5 from
-public CDNs, which this machine cannot reach. The browser test answers those requests with the
-same releases taken from the npm registry (`npm pack`), and strips the pages' `integrity`
-attributes because cdnjs serves its own minified builds (not byte-identical to npm's).
+public CDNs. The test vendors them into the site exactly as bench.sh does (tools/vendor_site.py,
+files from the npm registry) and then blocks every request that does not go to the local
+server: the site must draw with no internet.
 """
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ import importlib.util
 import itertools
 import json
 import math
-import mimetypes
 import os
-import re
 import shutil
 import site
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import urllib.parse
@@ -51,20 +48,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-# CDN files of asv 0.6.6's index.html that are not on cdn.jsdelivr.net/npm, as (npm spec, path).
-CDN_TO_NPM = {
-    "https://code.jquery.com/jquery-3.3.1.min.js": ("jquery@3.3.1", "dist/jquery.min.js"),
-    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.min.js": ("flot@0.8.3", "jquery.flot.js"),
-    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.time.min.js": ("flot@0.8.3", "jquery.flot.time.js"),
-    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.selection.min.js": ("flot@0.8.3", "jquery.flot.selection.js"),
-    "https://cdnjs.cloudflare.com/ajax/libs/flot/0.8.3/jquery.flot.categories.min.js": ("flot@0.8.3", "jquery.flot.categories.js"),
-    # stupidtable 1.0.1 was never published to npm; 1.1.3 has the same $.fn.stupidtable API.
-    "https://cdnjs.cloudflare.com/ajax/libs/stupidtable/1.0.1/stupidtable.min.js": ("stupid-table-plugin@1.1.3", "stupidtable.min.js"),
-    "https://cdnjs.cloudflare.com/ajax/libs/blueimp-md5/2.19.0/js/md5.min.js": ("blueimp-md5@2.19.0", "js/md5.min.js"),
-}
-JSDELIVR_NPM = re.compile(r"^https://cdn\.jsdelivr\.net/npm/((?:@[^/]+/)?[^/@]+@[^/]+)/([^?#]+)")
-
-
 def load_bench_common():
     """benchmarks/common.py as a module (its tier tables), without putting benchmarks/ on sys.path."""
     spec = importlib.util.spec_from_file_location("esmflash_bench_common", BENCH_DIR / "common.py")
@@ -74,6 +57,17 @@ def load_bench_common():
 
 
 COMMON = load_bench_common()
+
+
+def load_vendor_site():
+    """tools/vendor_site.py as a module: what bench.sh runs after `asv publish`."""
+    spec = importlib.util.spec_from_file_location("esmflash_vendor_site", REPO / "tools" / "vendor_site.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+VENDOR = load_vendor_site()
 CPU_MODELS = COMMON.MODELS_BY_TIER["cpu"]
 GPU_MODELS = COMMON.MODELS_BY_TIER["gpu"]
 
@@ -237,42 +231,6 @@ def test_publish_lists_every_benchmark(suite):
 # --- the published site in a real browser -------------------------------------------------
 
 
-def npm_source(url: str) -> tuple[str, str] | None:
-    """(npm spec, file path in the package) serving a CDN URL of the asv site, or None."""
-    if url in CDN_TO_NPM:
-        return CDN_TO_NPM[url]
-    match = JSDELIVR_NPM.match(url)
-    return (match.group(1), match.group(2)) if match else None
-
-
-def npm_package(spec: str, cache: Path) -> Path:
-    """The unpacked npm package `spec` (e.g. jquery@3.3.1) under cache/, fetched with `npm pack`."""
-    dest = cache / spec.replace("/", "_")
-    if not dest.is_dir():
-        npm = shutil.which("npm")
-        assert npm, "npm is needed to fetch the asv site's JavaScript libraries (apt-get install npm)"
-        proc = subprocess.run(
-            [npm, "pack", "--silent", "--pack-destination", str(cache), spec],
-            capture_output=True, text=True, timeout=300,
-        )
-        assert proc.returncode == 0, f"npm pack {spec} failed:\n{proc.stderr[-2000:]}"
-        with tarfile.open(cache / proc.stdout.strip().splitlines()[-1]) as tar:
-            # filter="data" (safe extraction) exists from Python 3.11.4 / 3.10.12 on.
-            tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    return dest / "package"
-
-
-def cdn_mirror(index_html: str, cache: Path) -> dict[str, tuple[str, str]]:
-    """{CDN URL: (spec, path)} for every external script/stylesheet of the site, packages fetched."""
-    urls = re.findall(r'<(?:script[^>]*\ssrc|link[^>]*\shref)="(https?://[^"]+)"', index_html)
-    unknown = [u for u in urls if npm_source(u) is None]
-    assert not unknown, f"the asv site loads files this test cannot serve offline: {unknown}"
-    mirror = {u: npm_source(u) for u in urls}
-    for spec, path in mirror.values():
-        assert (npm_package(spec, cache) / path).is_file(), f"{path} not in npm package {spec}"
-    return mirror
-
-
 def serve(directory: Path) -> http.server.ThreadingHTTPServer:
     """A quiet static HTTP server for `directory` on 127.0.0.1 (free port), in a daemon thread."""
 
@@ -285,33 +243,17 @@ def serve(directory: Path) -> http.server.ThreadingHTTPServer:
     return server
 
 
-def make_router(base: str, cache: Path, blocked: list[str]):
-    """Playwright route handler: the site from `base` (index.html without SRI attributes), CDN
-    files from the npm packages in cache/, everything else aborted and recorded in `blocked`."""
+def make_router(base: str, blocked: list[str]):
+    """Playwright route handler: the site from `base`; every other request (a CDN, anything on
+    the internet) is aborted and recorded in `blocked`, so the test proves the site is offline."""
 
     def route(route):
         url = route.request.url
         if url.startswith(base):
-            if urllib.parse.urlsplit(url).path in ("/", "/index.html"):
-                response = route.fetch()
-                body = re.sub(r'\s+integrity="[^"]*"', "", response.text())
-                route.fulfill(response=response, body=body)
-            else:
-                route.continue_()
-            return
-        source = npm_source(url)
-        if source is None:
+            route.continue_()
+        else:
             blocked.append(url)
             route.abort()
-            return
-        path = npm_package(source[0], cache) / source[1]
-        if not path.is_file():
-            blocked.append(url)
-            route.abort()
-            return
-        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        route.fulfill(status=200, body=path.read_bytes(), content_type=content_type,
-                      headers={"Access-Control-Allow-Origin": "*"})
 
     return route
 
@@ -370,9 +312,8 @@ def test_site_draws_forward_graph_in_chromium(suite, tmp_path):
 
     assert suite["publish"].returncode == 0, tail(suite["publish"])
     html = suite["html"]
-    cache = tmp_path / "npm"
-    cache.mkdir()
-    cdn_mirror((html / "index.html").read_text(), cache)
+    vendored = VENDOR.vendor(html, tmp_path / "npm")  # as bench.sh does after asv publish
+    assert vendored and not VENDOR.EXTERNAL.findall((html / "index.html").read_text())
     model, precision = CPU_MODELS[0], "fp32"
     params = json.loads((html / "index.json").read_text())["benchmarks"][FORWARD]["params"]
 
@@ -386,7 +327,7 @@ def test_site_draws_forward_graph_in_chromium(suite, tmp_path):
             browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
             try:
                 context = browser.new_context(viewport={"width": 1400, "height": 1000})
-                context.route("**/*", make_router(base, cache, blocked))
+                context.route("**/*", make_router(base, blocked))
                 page = context.new_page()
                 page.on("pageerror", lambda e: page_errors.append(f"{e}\n{e.stack}"))
 

@@ -23,15 +23,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import random
 import sys
 import time
 import traceback
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 # This checkout's esmflash wins over any installed copy: the probe measures the working tree.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(REPO / "src"))
 
 import esm  # noqa: E402
 import torch  # noqa: E402
@@ -41,22 +40,15 @@ from esmflash import load_esm2_model, pack_sequences, relative_errors  # noqa: E
 from esmflash.packing import PackedBatch  # noqa: E402
 from esmflash.perf import forward_flops, matmul_peak_flops, median, time_device  # noqa: E402
 
-AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 DEFAULT_CONFIGS = "esm2_t33_650M_UR50D:fp16,esm2_t33_650M_UR50D:bf16,esm2_t36_3B_UR50D:bf16"
 
 
 def mixed_records(total_tokens: int, seed: int) -> list[tuple[str, str]]:
-    """Records [(id, sequence)] of log-normal lengths filling at most total_tokens tokens
-    (BOS/EOS included), as benchmarks/common.length_class_records("mixed") draws them."""
-    rng = random.Random(f"{seed}:mixed")
-    lengths, used = [], 0
-    while True:
-        n = min(1022, max(30, round(rng.lognormvariate(math.log(300), 0.6))))
-        if used + n + 2 > total_tokens:
-            break
-        lengths.append(n)
-        used += n + 2
-    return [(f"mixed-{i}", "".join(rng.choices(AMINO_ACIDS, k=n))) for i, n in enumerate(lengths)]
+    """The suite's "mixed" length class (benchmarks/common.length_class_records) for a seed."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import common  # the suite's helper module: tables and seeded records only, no torch at import
+
+    return common.length_class_records("mixed", total_tokens, seed)
 
 
 def mixed_batch(alphabet, budget: int, seed: int) -> PackedBatch:

@@ -117,6 +117,14 @@ def rotate_qk_(qk: torch.Tensor, cos_h: torch.Tensor, sin_h: torch.Tensor) -> to
 # ----------------------------------------------------------------------------- layer halves
 
 
+def _qkv(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+         qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """LayerNorm and the fused QKV projection: x [T, D] -> [T, 3, H, Dh]."""
+    t, d = x.shape
+    h = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
+    return F.linear(h, qkv_weight, qkv_bias).view(t, 3, -1, head_dim)
+
+
 def attention_inputs(
     x: torch.Tensor,
     ln_weight: torch.Tensor,
@@ -129,9 +137,7 @@ def attention_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm, fused QKV projection ([3D, D] weight, [3D] bias) and rotary on q and k, out of
     place: x [T, D] -> q, k, v [T, H, Dh] (strided views; last dim contiguous)."""
-    t, d = x.shape
-    h = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
-    qkv = F.linear(h, qkv_weight, qkv_bias).view(t, 3, -1, 2 * cos_h.shape[1])
+    qkv = _qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, 2 * cos_h.shape[1])
     qk = rotate_qk(qkv[:, :2], cos_h, sin_h)
     return qk[:, 0], qk[:, 1], qkv[:, 2]
 
@@ -148,9 +154,7 @@ def attention_inputs_eager(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`attention_inputs` with the rotary applied in place in the QKV buffer (fewer eager
     kernels and no fp32 copies): x [T, D] -> q, k, v [T, H, Dh] views of one [T, 3, H, Dh]."""
-    t, d = x.shape
-    h = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
-    qkv = F.linear(h, qkv_weight, qkv_bias).view(t, 3, -1, 2 * cos_h.shape[1])
+    qkv = _qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, 2 * cos_h.shape[1])
     qk = rotate_qk_(qkv[:, :2], cos_h, sin_h)
     return qk[:, 0], qk[:, 1], qkv[:, 2]
 
