@@ -179,6 +179,7 @@ def test_good_run_matches_direct_embed(good_run, model):
         "weights_source": model.weights_source,
         "precision": "fp32",
         "attention_backend": "sdpa",
+        "forward_impl": "eager",
         "esmflash_version": "0.1.0",
         "repr_layers": [0, LAYERS],
         "long_policy": "error",
@@ -345,3 +346,19 @@ def test_subprocess_stdin(work, model):
         assert set(f.files) == {"ids", "mean_6", "meta"}  # default: last layer, no per-token
         assert f["ids"].tolist() == ["p1", "p2"]
         np.testing.assert_allclose(f["mean_6"], ref.mean[LAYERS].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_compile_flag_gives_the_eager_embeddings(work, good_run):
+    """--compile runs the torch.compile'd layers (recorded in meta) and matches the eager run."""
+    fasta, out, _ = good_run
+    compiled = work / "good-compiled.npz"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["embed", str(fasta), "-o", str(compiled), *BASE, "--per-token", "--repr-layers", "0", "-1",
+                   "--compile"])
+    assert rc == 0, err.getvalue()
+    with np.load(out) as eager, np.load(compiled) as comp:
+        assert comp["ids"].tolist() == eager["ids"].tolist()
+        for key in ("mean_0", f"mean_{LAYERS}", f"tokens_{LAYERS}"):
+            np.testing.assert_allclose(comp[key], eager[key], rtol=1e-5, atol=1e-5)
+        assert json.loads(str(comp["meta"]))["forward_impl"] == "compiled"
