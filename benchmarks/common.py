@@ -49,15 +49,21 @@ def detect_tier() -> str:
 
 TIER = detect_tier()
 # asv `repeat` (min samples, max samples, max seconds per benchmark process). A GPU pass over a
-# token set takes 0.07-1 s; medians of >= 4 samples after warm-up agree within ~1% run to run.
+# token set takes 0.06-1 s; medians of 3-8 samples after warm-up agreed within 3% between two
+# runs on an H200 (benchmarks/NOTES.md).
 REPEAT = (3, 8, 0.6) if TIER == "gpu" else (3, 6, 1.5)
+# The forward-pass time series alone (history runs of older commits).
+FORWARD_SELECTION = {
+    "gpu": r"ForwardPacked\.time_forward_packed\('esm2_t(33_650M|36_3B)_UR50D'",
+    "cpu": r"ForwardPacked\.time_forward_packed\('esm2_t(6_8M|12_35M)_UR50D', 'fp32'",
+}
 # asv -b regexes (OR'ed) selecting this tier's combinations. asv starts one process per selected
 # combination, skipped ones included, so combinations known to be n/a here are not selected.
 # The GPU tier's one process per combination costs ~7 s (torch import, CUDA context) before any
 # work: the selection is what keeps the GPU suite inside its budget.
 TIER_SELECTION = {
     "gpu": [
-        r"ForwardPacked\.time_forward_packed\('esm2_t(33_650M|36_3B)_UR50D'",
+        FORWARD_SELECTION["gpu"],
         r"peakmem_forward_packed\('esm2_t33_650M_UR50D', 'fp16', 'mixed'",
         r"time_attention_kernel\('esm2_t33_650M_UR50D', '(fp32', 'sdpa|fp16|bf16)'",
         r"track_(tokens_per_second|gpu_peak_memory)\('esm2_t(33_650M|36_3B)_UR50D'",
@@ -71,18 +77,15 @@ TIER_SELECTION = {
 # processes on the same card (measured on an H200: 536 vs 568 ms, same engine), more than the 5%
 # threshold, while fp16/bf16 agree within ~1%.
 GATE_SELECTION = {
-    "gpu": r"ForwardPacked\.time_forward_packed\('esm2_t(33_650M|36_3B)_UR50D', '(fp16|bf16)'",
-    "cpu": r"ForwardPacked\.time_forward_packed\('esm2_t(6_8M|12_35M)_UR50D', 'fp32'",
-}
-# The forward-pass time series alone (history runs of older commits).
-FORWARD_SELECTION = {
-    "gpu": r"ForwardPacked\.time_forward_packed\('esm2_t(33_650M|36_3B)_UR50D'",
-    "cpu": r"ForwardPacked\.time_forward_packed\('esm2_t(6_8M|12_35M)_UR50D', 'fp32'",
+    "gpu": FORWARD_SELECTION["gpu"] + r", '(fp16|bf16)'",
+    "cpu": FORWARD_SELECTION["cpu"],
 }
 
 
 def installed(backend: str) -> bool:
-    """Whether the package behind a backend is importable (no torch import, no CUDA init)."""
+    """Whether the package behind a backend is importable (no torch import, no CUDA init).
+    esmflash.attention.backend_unavailable_reason is the full check, but importing esmflash
+    imports torch, which a skip decision at module import must not do."""
     import importlib.util
 
     module = {"fa4": "flash_attn.cute", "flash_attn": "flash_attn"}.get(backend)
@@ -92,6 +95,7 @@ def installed(backend: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
+
 
 # The attention backend every timed path uses, pinned per precision (never "auto"), and the CUDA
 # kernel-name substring that must appear when it runs. A silent backend or kernel-family change

@@ -15,7 +15,7 @@ Exit status: 0 no significant slowdown, 1 slowdown, 2 could not run.
 from __future__ import annotations
 
 import argparse
-import ast
+import itertools
 import os
 import subprocess
 import sys
@@ -26,12 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def sh(*cmd: str) -> str:
     return subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def _product(params: list) -> list:
-    import itertools
-
-    return [tuple(ast.literal_eval(v) for v in combo) for combo in itertools.product(*params)] if params else []
 
 
 def main() -> int:
@@ -80,8 +74,9 @@ def main() -> int:
                 if not key.split(".")[-1].startswith("time_"):
                     continue
                 params = result.get_result_params(key)
-                combos = _product(params) or [()]
-                keep = [bool(re.search(bench, f"{key}({', '.join(map(repr, c))})" if c else key)) for c in combos]
+                # asv's own names: params are stored as reprs ("'fp16'"), joined as asv -b matches them.
+                combos = list(itertools.product(*params)) if params else [()]
+                keep = [bool(re.search(bench, f"{key}({', '.join(c)})" if c else key)) for c in combos]
                 if not any(keep):
                     continue
                 value, stats, samples = (result.get_result_value(key, params), result.get_result_stats(key, params),
