@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 H200 = REPO / "results" / "h200"
 
 
-def gate(base: str, head: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ESMFLASH_BENCH_TIER="gpu")
+def gate(base: str, head: str, tier: str = "gpu") -> subprocess.CompletedProcess:
+    env = dict(os.environ, ESMFLASH_BENCH_TIER=tier)
     return subprocess.run(
         [sys.executable, "tools/gate.py", base, head, "--no-run", "--machine", "h200"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
@@ -49,3 +49,12 @@ def test_gate_fails_on_a_real_slowdown():
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "SLOWER beyond threshold" in proc.stdout
     assert proc.stdout.count("| +") == 20
+
+
+@pytest.mark.skipif(not have("d1986727", "e0bd5a06"), reason="H200 history not in this checkout")
+def test_gate_refuses_to_pass_when_nothing_was_compared():
+    # The CPU tier's selection (8M/35M) matches none of the H200 results: exit 2, not a pass.
+    proc = gate("d198672", "e0bd5a0", tier="cpu")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "0 measured combinations" in proc.stdout
+    assert "no results matching" in proc.stderr and "ESMFLASH_BENCH_TIER" in proc.stderr

@@ -86,8 +86,15 @@ def main() -> int:
                        result.params["machine"], result.env_name)
 
     rows_base, rows_head = list(selected(base)), list(selected(head))
-    measured = sum(1 for row in rows_head for v in (row[2] or []) if v is not None and v == v)
+    count = lambda rows: sum(1 for row in rows for v in (row[2] or []) if v is not None and v == v)
+    measured = count(rows_head)
     print(f"gate: {measured} measured combinations at head; only significant changes are listed", flush=True)
+    missing = [name for name, rows in ((args.base, rows_base), (args.head, rows_head)) if not count(rows)]
+    if missing:  # nothing compared is no evidence of "no slowdown"
+        print(f"gate: error: no results matching -b {bench} for {' and '.join(missing)} on machine {machine} "
+              f"(the {common.TIER} tier's selection; ESMFLASH_BENCH_TIER=gpu or cpu selects another)",
+              file=sys.stderr, flush=True)
+        return 2
     worsened, improved = Compare.print_table(
         conf, base, head, factor=args.factor, split=False, only_changed=True, sort="ratio",
         machine=machine, use_stats=True, commit_names={base: args.base, head: args.head},
