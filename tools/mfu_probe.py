@@ -8,10 +8,14 @@ achieved TFLOP/s and MFU against the measured fp16 8192^3 matmul rate (esmflash.
 memory, graphs compiled by that config, and the max / mean relative error of last-layer
 representations against the fp32 model with the same weights (esmflash.numerics.relative_errors:
 max|a-b|/max|b|). Each config also prints one JSON line (lines starting with '{').
+--breakdown adds one profiled forward per config: CUDA kernel time per kernel family (attention,
+GEMM, torch.compile's Triton fusions, LayerNorm, other elementwise, copies) and the GPU idle time
+left over (median wall time minus all kernel time: launch gaps, host work).
 
     python tools/mfu_probe.py                        # 650M fp16+bf16, 3B bf16; 16384 and 32768
     python tools/mfu_probe.py --configs esm2_t33_650M_UR50D:fp16 --budgets 16384 --impls compiled
     python tools/mfu_probe.py --jsonl probe.jsonl    # also append the JSON lines to a file
+    python tools/mfu_probe.py --breakdown --no-reference --budgets 16384   # where the time goes
 
 Weights: the real checkpoint when esmflash finds one on disk, else seeded random weights (the
 fp32 reference and the half model draw the same ones). A config that fails prints an "error"
@@ -41,6 +45,48 @@ from esmflash.packing import PackedBatch  # noqa: E402
 from esmflash.perf import forward_flops, matmul_peak_flops, median, time_device  # noqa: E402
 
 DEFAULT_CONFIGS = "esm2_t33_650M_UR50D:fp16,esm2_t33_650M_UR50D:bf16,esm2_t36_3B_UR50D:bf16"
+# Kernel families, first match wins (lower-cased substrings of the CUDA kernel names the profiler
+# reports). Attention before GEMM: the memory-efficient attention kernels are CUTLASS kernels;
+# Triton GEMM templates ("triton_tem") before the other Triton kernels.
+KERNEL_FAMILIES = (
+    ("attention", ("flash", "fmha", "attention")),
+    ("gemm", ("gemm", "xmma", "nvjet", "cutlass", "triton_tem")),
+    ("triton", ("triton",)),
+    ("layernorm", ("layer_norm", "layernorm")),
+    ("copy", ("copy", "catarray")),
+    ("elementwise", ("elementwise", "reduce_kernel")),
+)
+
+
+def kernel_family(name: str) -> str:
+    """The KERNEL_FAMILIES family of a CUDA kernel name ("other" when none matches)."""
+    lower = name.lower()
+    for family, markers in KERNEL_FAMILIES:
+        if any(m in lower for m in markers):
+            return family
+    return "other"
+
+
+def kernel_breakdown(kernels: list[tuple[str, float]], wall_ms: float) -> dict[str, float]:
+    """{family: ms} of (kernel name, µs) pairs from one forward, plus "total" (all kernels) and
+    "idle" (wall_ms - total, floored at 0: the GPU waiting for the host)."""
+    out = {family: 0.0 for family, _ in KERNEL_FAMILIES} | {"other": 0.0}
+    for name, us in kernels:
+        out[kernel_family(name)] += us / 1e3
+    out["total"] = sum(out.values())
+    out["idle"] = max(0.0, wall_ms - out["total"])
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def profiled_kernels(forward, device) -> list[tuple[str, float]]:
+    """(CUDA kernel name, device µs) of every kernel one call of forward() launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        forward()
+        torch.cuda.synchronize(device)
+    return [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def mixed_records(total_tokens: int, seed: int) -> list[tuple[str, str]]:
@@ -123,6 +169,8 @@ def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, 
     if ref is not None:
         max_rel, mean_rel = relative_errors(out, ref)
         row["max_rel_err"], row["mean_rel_err"] = max_rel, mean_rel
+    if args.breakdown:
+        row["kernel_ms"] = kernel_breakdown(profiled_kernels(forward, model.device), sec * 1e3)
     return row
 
 
@@ -135,6 +183,11 @@ def print_row(row: dict) -> None:
         f"(+{row['activation_peak_mib'] / 1024:.2f})  graphs +{row['new_graphs']}  max rel err {err}",
         flush=True,
     )
+    if "kernel_ms" in row:
+        ms = row["kernel_ms"]
+        parts = [f"{k} {v:.2f}" for k, v in ms.items() if k not in ("total", "idle") and v > 0]
+        print(f"{'':>20s} kernel ms: {', '.join(parts)}; all kernels {ms['total']:.2f}, GPU idle {ms['idle']:.2f}",
+              flush=True)
 
 
 def emit(row: dict, args) -> None:
@@ -158,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip the fp32 error check")
     parser.add_argument("--jsonl", default=None, help="also append JSON lines to this file")
     parser.add_argument("--device", default="cuda", help="a CUDA device (cuda, cuda:1, ...)")
+    parser.add_argument("--breakdown", action="store_true", help="kernel time per family (one profiled forward)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("mfu_probe: needs a CUDA GPU", file=sys.stderr)
