@@ -91,8 +91,8 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -
 def _sdpa_packed(q, k, v, cu_seqlens, max_seqlen, scale):
     """CUDA: one launch of the memory-efficient varlen kernel on [1, T, H, D] with cu_seqlens.
     SDPA on jagged nested tensors reaches the same kernel, but its nested-tensor bookkeeping costs
-    ~3 ms of host time per call and made fp32 timings depend on the host (+8-13% between two runs
-    on one H200). CPU: dense SDPA per sequence (the jagged CPU path is ~20x slower)."""
+    3.5-6.2 ms of host time per call and made fp32 timings depend on the host (+8-13% between two
+    runs on one H200; benchmarks/NOTES.md). CPU: dense SDPA per sequence (the jagged CPU path is ~20x slower)."""
     if not q.is_cuda:
         bounds = cu_seqlens.tolist()
         outs = [
