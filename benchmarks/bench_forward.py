@@ -10,8 +10,10 @@ GRID = (ALL_MODELS, PRECISIONS, LENGTH_CLASSES)
 
 class ForwardPacked:
     """forward_packed over one fixed token set (one packed batch already on the device),
-    last-layer representations, CUDA-synchronized. The attention backend is pinned per precision
-    (common.PINNED_BACKEND); on a GPU its kernel family is verified before timing."""
+    last-layer representations, CUDA-synchronized, with the engine's default layer
+    implementation (torch.compile'd on a GPU, compiled during the warm-up; eager on the CPU).
+    The attention backend is pinned per precision (common.PINNED_BACKEND); on a GPU its kernel
+    family is verified before timing."""
 
     params = GRID
     param_names = ["model", "precision", "length"]

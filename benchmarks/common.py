@@ -268,7 +268,8 @@ def measure_forward_metrics() -> dict:
       speedup_over_stock_fp32  stock fair-esm fp32 padded seconds / these seconds
       max_rel_err_vs_fp32    max|x - ref| / max|ref|, last-layer representations, against the
                              fp32 model with the same weights (half precisions only)
-      attention_backend, kernels  what ran (recorded in the cache, not tracked)
+      attention_backend, forward_impl, kernels  what ran (recorded in the cache, not tracked;
+                             forward_impl is the engine's default: compiled on a GPU)
 
     Stock rows: tokens_per_second (real tokens / median seconds of the padded forward).
     Passes per measurement: one for memory and outputs (it also warms up), then `samples` timed.
@@ -294,7 +295,7 @@ def measure_forward_metrics() -> dict:
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         reps = forward_packed(model, batches)
-        row = {"attention_backend": model.attention_backend}
+        row = {"attention_backend": model.attention_backend, "forward_impl": model.forward_impl}
         if gpu:
             row["gpu_peak_memory_bytes"] = float(params + inputs + torch.cuda.max_memory_allocated() - before)
         seconds = median(time_device(lambda: forward_packed(model, batches), dev, samples, 0))

@@ -225,6 +225,9 @@ def test_gradients_reach_qkv_parameters(model8):
 
 def test_forward_impl_selection(model8):
     assert model8.forward_impl == "eager" and model8.compile_mode is None
+    m, _ = _load("esm2_t6_8M_UR50D")  # compile=None: compiled on CUDA, eager on this CPU
+    assert m.forward_impl == "eager"
+    assert m.set_compile(None) == "eager" and m.set_compile(True) == "compiled"
     m, _ = _load("esm2_t6_8M_UR50D", compile=True)
     assert m.forward_impl == "compiled"
     assert cast_model(m, "fp32").forward_impl == "compiled"

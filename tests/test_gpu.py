@@ -23,12 +23,16 @@ from esmflash import (
     split_per_sequence,
     verify_flashattention_active,
 )
+from esmflash.attention import backend_unavailable_reason
+from esmflash.models import PRECISIONS
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 MODEL = os.environ.get("ESMFLASH_GPU_TEST_MODEL", "esm2_t33_650M_UR50D")
+# Checked when installed (skipped otherwise): FlashAttention-4 and Dao-AILab FlashAttention-2.
+OPTIONAL_BACKENDS = ("fa4", "flash_attn")
 
 
 def _records(n_tokens: int = 8192, seed: int = 7) -> list[tuple[str, str]]:
@@ -54,11 +58,15 @@ def reference():
     return model
 
 
+@pytest.mark.parametrize("backend", ["torch_flash", *OPTIONAL_BACKENDS])
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_flash_kernels_run(reference, precision):
-    model = cast_model(reference, precision, "torch_flash")
+def test_flash_kernels_run(reference, precision, backend):
+    reason = backend_unavailable_reason(backend, torch.device("cuda"), PRECISIONS[precision])
+    if reason is not None:
+        pytest.skip(reason)
+    model = cast_model(reference, precision, backend)
     names = verify_flashattention_active(model)
-    print(f"\n{precision} torch_flash kernels: {names}")
+    print(f"\n{precision} {backend} kernels: {names}")
     assert names
     model.set_attention_backend("sdpa")
     with pytest.raises(FlashAttentionNotActiveError):
@@ -112,9 +120,11 @@ def test_half_precision_accuracy_vs_stock(reference):
               "torch": torch.__version__, "sequences": len(records), "rows": {}}
     report["rows"]["esmflash fp32 packed (sdpa)"] = summarize(packed_outputs(reference))
     for precision, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        ours = cast_model(reference, precision, "torch_flash")
-        report["rows"][f"esmflash {precision} packed (torch_flash)"] = summarize(packed_outputs(ours))
-        del ours
+        for backend in ("torch_flash", *OPTIONAL_BACKENDS):
+            if backend_unavailable_reason(backend, torch.device("cuda"), dtype) is None:
+                ours = cast_model(reference, precision, backend)
+                report["rows"][f"esmflash {precision} packed ({backend})"] = summarize(packed_outputs(ours))
+                del ours
         stock = copy.deepcopy(reference).to(dtype)
         report["rows"][f"stock fair-esm {precision} padded"] = summarize(stock_outputs(stock))
         del stock
@@ -135,3 +145,11 @@ def test_half_precision_accuracy_vs_stock(reference):
     assert ours16["max_rel_err"] <= stock16["max_rel_err"]
     assert ours16["mean_rel_err"] <= stock16["mean_rel_err"]
     assert ours16["min_cosine"] >= stock16["min_cosine"]
+    # an optional flash backend that is installed is held to the same bar as the bundled one
+    for precision in ("fp16", "bf16"):
+        bundled, stock = rows[f"esmflash {precision} packed (torch_flash)"], rows[f"stock fair-esm {precision} padded"]
+        for backend in OPTIONAL_BACKENDS:
+            row = rows.get(f"esmflash {precision} packed ({backend})")
+            if row is not None:
+                assert row["max_rel_err"] <= max(stock["max_rel_err"], 1.5 * bundled["max_rel_err"]), (backend, precision)
+                assert row["min_cosine"] >= stock["min_cosine"], (backend, precision)

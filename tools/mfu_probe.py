@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     device = torch.device(args.device)
+    if device.index is None:  # torch.cuda.set_device needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
     peak = matmul_peak_flops(device, torch.float16, 8192)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,

@@ -3,7 +3,7 @@
     esmflash embed IN.fasta -o OUT.npz [--model NAME|PATH] [--precision {fp32,fp16,bf16}]
         [--max-tokens N] [--device DEVICE] [--repr-layers L [L ...]] [--per-token]
         [--long-policy {error,truncate,chunk}] [--attention {auto,fa4,flash_attn,torch_flash,sdpa}]
-        [--seed N] [--compile] [--no-progress] [--resumable] [--restart]
+        [--seed N] [--compile | --no-compile] [--no-progress] [--resumable] [--restart]
     torchrun --nproc-per-node N -m esmflash embed IN.fasta -o OUT.npz ...
 
 IN '-' reads standard input. All input is read, validated and packed before the model is loaded,
@@ -13,8 +13,9 @@ batch, BOS/EOS included), --repr-layers the last layer (negative numbers count f
 fair-esm: -1 is the last layer, 0 the embeddings), --long-policy error (sequences over 1022
 residues are refused; 'truncate' keeps the first 1022, 'chunk' embeds near-equal pieces of at
 most 1022 residues and stitches them back), --attention auto, --seed 0 (used only for seeded
-random weights when no checkpoint is on disk), eager layers (--compile: torch.compile'd layer
-halves, ~20% more tokens/s on an H200 for 650M fp16 after a few seconds of compilation).
+random weights when no checkpoint is on disk), torch.compile'd layer halves on CUDA devices
+(the first batch pays seconds of compilation; --no-compile runs eager layers) and eager layers
+elsewhere (--compile forces compiled).
 
 Output: one .npz file (numpy.load), written at exactly the path given by -o:
 
@@ -112,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="auto", metavar="{" + ",".join(("auto",) + BACKENDS) + "}",
                    help="varlen attention backend (default auto: the fastest available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights used when no checkpoint is found")
-    p.add_argument("--compile", action="store_true",
-                   help="run the layers through torch.compile (faster on GPUs once compiled; the first "
-                        "batch pays seconds of compilation)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the layers through torch.compile (default: on for CUDA devices, off "
+                        "elsewhere; the first batch pays seconds of compilation); --no-compile: eager")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resumable", action="store_true",
                    help="commit work in shards under OUT.parts/ so a killed run resumes (always on under torchrun)")

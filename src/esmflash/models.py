@@ -76,12 +76,16 @@ class PackedESM2(ESM2):
         self.attention_backend = resolve_backend(name, self.device, self.dtype)
         return self.attention_backend
 
-    def set_compile(self, enabled: bool = True, mode: str | None = None) -> str:
+    def set_compile(self, enabled: bool | None = True, mode: str | None = None) -> str:
         """Select the layer implementation of `forward_packed` and return it (`forward_impl`):
         "compiled" runs LayerNorm + QKV + rotary and out_proj + MLP of every layer through two
         torch.compile'd functions (attention stays eager; see esmflash.fused), "eager" plain
-        PyTorch ops. `mode` is torch.compile's (None = default). The first compiled forward per
-        model shape and dtype compiles (seconds to a minute); later batch sizes do not recompile."""
+        PyTorch ops. enabled=None picks compiled on CUDA and eager elsewhere (the default of
+        `load_esm2_model`). `mode` is torch.compile's (None: esmflash's tuned options,
+        fused.COMPILE_OPTIONS). The first compiled forward per model shape and dtype compiles
+        (seconds to a minute, cached on disk by inductor); later batch sizes do not recompile."""
+        if enabled is None:
+            enabled = self.device.type == "cuda"
         self.forward_impl = "compiled" if enabled else "eager"
         self.compile_mode = mode if enabled else None
         return self.forward_impl
@@ -279,7 +283,7 @@ def load_esm2_model(
     device: str | torch.device | None = None,
     attention: str = "auto",
     seed: int = 0,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> tuple[PackedESM2, esm.data.Alphabet]:
     """Load an ESM-2 model for packed inference: (model, alphabet), like fair-esm's loaders.
 
@@ -290,7 +294,7 @@ def load_esm2_model(
     the device type they are drawn on (CPU and CUDA generators differ).
     precision: "fp32", "fp16" or "bf16". attention: "auto" or a backend (see esmflash.attention).
     compile: run the layers through torch.compile (`PackedESM2.set_compile`; `model.forward_impl`
-    records the choice); the default is the eager path.
+    records the choice). None (default): compiled on CUDA, eager elsewhere; False forces eager.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
