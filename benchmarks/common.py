@@ -88,7 +88,7 @@ def installed(backend: str) -> bool:
     imports torch, which a skip decision at module import must not do."""
     import importlib.util
 
-    module = {"fa4": "flash_attn.cute", "flash_attn": "flash_attn"}.get(backend)
+    module = {"fa4": "flash_attn.cute", "flash_attn": "flash_attn.flash_attn_interface"}.get(backend)
     if module is None:
         return True
     try:

@@ -60,8 +60,9 @@ def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dty
             return "PyTorch's flash kernels need compute capability >= 8.0"
         return None
     if name == "flash_attn":
-        if not _has_module("flash_attn"):
-            return "flash-attn is not installed (pip install 'esmflash[flash]')"
+        # flash-attn-4 installs flash_attn/cute alone: the FA2 package is flash_attn_interface
+        if not _has_module("flash_attn.flash_attn_interface"):
+            return "flash-attn (FlashAttention-2) is not installed (pip install 'esmflash[flash]')"
         return None if major >= 8 else "flash-attn needs compute capability >= 8.0"
     if name == "fa4":
         if not _has_module("flash_attn.cute"):
