@@ -43,6 +43,7 @@ import esmflash  # noqa: E402
 from esmflash import load_esm2_model, pack_sequences, relative_errors  # noqa: E402
 from esmflash.packing import PackedBatch  # noqa: E402
 from esmflash.perf import forward_flops, matmul_peak_flops, median, time_device  # noqa: E402
+from esmflash.verify import profiled_cuda_kernels  # noqa: E402
 
 DEFAULT_CONFIGS = "esm2_t33_650M_UR50D:fp16,esm2_t33_650M_UR50D:bf16,esm2_t36_3B_UR50D:bf16"
 # Kernel families, first match wins (lower-cased substrings of the CUDA kernel names the profiler
@@ -76,17 +77,6 @@ def kernel_breakdown(kernels: list[tuple[str, float]], wall_ms: float) -> dict[s
     out["total"] = sum(out.values())
     out["idle"] = max(0.0, wall_ms - out["total"])
     return {k: round(v, 3) for k, v in out.items()}
-
-
-def profiled_kernels(forward, device) -> list[tuple[str, float]]:
-    """(CUDA kernel name, device µs) of every kernel one call of forward() launches."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        forward()
-        torch.cuda.synchronize(device)
-    return [(e.name, e.time_range.elapsed_us()) for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def mixed_records(total_tokens: int, seed: int) -> list[tuple[str, str]]:
@@ -170,7 +160,7 @@ def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, 
         max_rel, mean_rel = relative_errors(out, ref)
         row["max_rel_err"], row["mean_rel_err"] = max_rel, mean_rel
     if args.breakdown:
-        row["kernel_ms"] = kernel_breakdown(profiled_kernels(forward, model.device), sec * 1e3)
+        row["kernel_ms"] = kernel_breakdown(profiled_cuda_kernels(forward, model.device), sec * 1e3)
     return row
 
 

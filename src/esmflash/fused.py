@@ -134,29 +134,19 @@ def attention_inputs(
     qkv_bias: torch.Tensor,
     cos_h: torch.Tensor,
     sin_h: torch.Tensor,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LayerNorm, fused QKV projection ([3D, D] weight, [3D] bias) and rotary on q and k, out of
-    place: x [T, D] -> q, k, v [T, H, Dh] (strided views; last dim contiguous)."""
+    """LayerNorm, fused QKV projection ([3D, D] weight, [3D] bias) and rotary on q and k:
+    x [T, D] -> q, k, v [T, H, Dh] (strided views; last dim contiguous). Rotary out of place (the
+    form torch.compile fuses), or with in_place=True inside the QKV buffer (`rotate_qk_`: fewer
+    eager kernels and no fp32 copies; q, k, v are then views of one [T, 3, H, Dh])."""
     qkv = _qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, 2 * cos_h.shape[1])
-    qk = rotate_qk(qkv[:, :2], cos_h, sin_h)
+    qk = (rotate_qk_ if in_place else rotate_qk)(qkv[:, :2], cos_h, sin_h)
     return qk[:, 0], qk[:, 1], qkv[:, 2]
 
 
-def attention_inputs_eager(
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    eps: float,
-    qkv_weight: torch.Tensor,
-    qkv_bias: torch.Tensor,
-    cos_h: torch.Tensor,
-    sin_h: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`attention_inputs` with the rotary applied in place in the QKV buffer (fewer eager
-    kernels and no fp32 copies): x [T, D] -> q, k, v [T, H, Dh] views of one [T, 3, H, Dh]."""
-    qkv = _qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, 2 * cos_h.shape[1])
-    qk = rotate_qk_(qkv[:, :2], cos_h, sin_h)
-    return qk[:, 0], qk[:, 1], qkv[:, 2]
+# The eager path's attention inputs: rotary in place.
+attention_inputs_eager = functools.partial(attention_inputs, in_place=True)
 
 
 def attention_output(

@@ -317,9 +317,8 @@ def load_esm2_model(
         model.weights_source = f"random-init:seed={seed}"
         log.warning("%s: no checkpoint found on disk; using seeded random weights (seed=%d)", name, seed)
     model.model_name = path.stem if name not in ESM2_ARCHITECTURES else name
-    model = model.to(dtype=PRECISIONS[precision]).eval().requires_grad_(False)
+    model = model.to(dtype=PRECISIONS[precision]).eval().requires_grad_(False)  # .to() fuses q/k/v
     model.precision = precision
-    model.prepare_packed()
     model.set_attention_backend(attention)
     model.set_compile(compile)
     return model, model.alphabet
@@ -334,7 +333,6 @@ def cast_model(
 
     other = copy.deepcopy(model).to(dtype=PRECISIONS[precision])  # .to() re-fuses q/k/v
     other.precision = precision
-    other.prepare_packed()
     other.set_attention_backend(attention)
     if compile is not None:
         other.set_compile(compile, model.compile_mode if compile else None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .attention import FLASH_KERNEL_MARKERS
@@ -10,17 +12,24 @@ from .models import PackedESM2
 from .packing import pack_sequences
 
 
+def profiled_cuda_kernels(fn: Callable[[], object], device: torch.device) -> list[tuple[str, float]]:
+    """(CUDA kernel name, device microseconds) of every kernel one call of fn() launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    return [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def cuda_kernel_names(model: PackedESM2, max_tokens: int = 512) -> list[str]:
     """Names of the CUDA kernels one small packed forward launches (3 sequences, 20-120 aa)."""
     records = [("verify-a", "MKTAYIAKQR" * 12), ("verify-b", "GSHMLEDPVA" * 5), ("verify-c", "ACDEFGHIKL" * 2)]
     batch = pack_sequences(records, model.alphabet, max_tokens)[0].to(model.device)
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model.forward_packed(batch)
-        torch.cuda.synchronize(model.device)
-    names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
-    return sorted(names)
+    with torch.no_grad():
+        kernels = profiled_cuda_kernels(lambda: model.forward_packed(batch), model.device)
+    return sorted({name for name, _ in kernels})
 
 
 def verify_flashattention_active(model: PackedESM2) -> list[str]:
