@@ -8,6 +8,10 @@ One ESM-2 layer is split around the varlen attention call:
   attention_output   x [T, D], o [T, H, Dh] -> out_proj + residual -> LayerNorm -> fc1 -> GELU
                      -> fc2 + residual -> x [T, D]
 
+The packed forward calls attention_inputs for the first layer, then per layer the attention
+kernel and `attention_output_and_next_inputs` (the layer boundary in one graph), and
+attention_output alone after the last layer.
+
 Weights come in as arguments, so one compiled graph of each half serves every layer of a model
 (`compiled_layer_functions`): the token count T is the only dynamic dimension, and D, H, Dh stay
 static, so a model compiles once per dtype whatever the batch size. Rotary math is fp32 whatever
@@ -170,6 +174,41 @@ def attention_output(
     return x + F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
 
 
+def attention_output_and_next_inputs(
+    x: torch.Tensor,
+    o: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    next_ln_weight: torch.Tensor,
+    next_ln_bias: torch.Tensor,
+    next_eps: float,
+    next_qkv_weight: torch.Tensor,
+    next_qkv_bias: torch.Tensor,
+    cos_h: torch.Tensor,
+    sin_h: torch.Tensor,
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`attention_output` of one layer and `attention_inputs` of the next, across the layer
+    boundary: x [T, D], o [T, H, Dh] -> x [T, D], q, k, v [T, H, Dh]. One compiled graph of this
+    fuses the fc2 bias + residual add with the next LayerNorm (one pass over x instead of two)."""
+    x = attention_output(x, o, out_weight, out_bias, ln_weight, ln_bias, eps,
+                         fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    q, k, v = attention_inputs(x, next_ln_weight, next_ln_bias, next_eps, next_qkv_weight, next_qkv_bias,
+                               cos_h, sin_h, in_place)
+    return x, q, k, v
+
+
+# The eager path's layer boundary: rotary in place.
+attention_output_and_next_inputs_eager = functools.partial(attention_output_and_next_inputs, in_place=True)
+
+
 # ----------------------------------------------------------------------------- compiled halves
 
 
@@ -185,15 +224,17 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_layer_functions(mode: str | None = None) -> tuple[Callable, Callable]:
-    """(attention_inputs, attention_output) compiled by torch.compile (inductor), with the same
-    signatures. mode: torch.compile's mode ("default", "max-autotune", ...); None compiles with
-    COMPILE_OPTIONS instead. Compiled with dynamic=False and dim 0 (tokens) of every [T, ...]
-    argument marked dynamic on each call: one graph per model shape and dtype, reused by every
-    layer and every batch size. Compilation happens on the first call, not here."""
+def compiled_layer_functions(mode: str | None = None) -> tuple[Callable, Callable, Callable]:
+    """(attention_inputs, attention_output, attention_output_and_next_inputs) compiled by
+    torch.compile (inductor), with the same signatures (without in_place). mode: torch.compile's
+    mode ("default", "max-autotune", ...); None compiles with COMPILE_OPTIONS instead. Compiled
+    with dynamic=False and dim 0 (tokens) of every [T, ...] argument marked dynamic on each call:
+    one graph each per model shape and dtype, reused by every layer and every batch size.
+    Compilation happens on the first call, not here."""
     how = {"mode": mode} if mode is not None else {"options": dict(COMPILE_OPTIONS)}
     pre = torch.compile(attention_inputs, dynamic=False, fullgraph=True, **how)
     post = torch.compile(attention_output, dynamic=False, fullgraph=True, **how)
+    boundary = torch.compile(attention_output_and_next_inputs, dynamic=False, fullgraph=True, **how)
 
     def compiled_attention_inputs(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, cos_h, sin_h):
         _mark_tokens_dynamic(x, cos_h, sin_h)
@@ -203,4 +244,9 @@ def compiled_layer_functions(mode: str | None = None) -> tuple[Callable, Callabl
         _mark_tokens_dynamic(x, o)
         return post(x, o, *weights)
 
-    return compiled_attention_inputs, compiled_attention_output
+    def compiled_attention_output_and_next_inputs(x, o, *weights_and_tables):
+        *weights, cos_h, sin_h = weights_and_tables
+        _mark_tokens_dynamic(x, o, cos_h, sin_h)
+        return boundary(x, o, *weights, cos_h, sin_h)
+
+    return compiled_attention_inputs, compiled_attention_output, compiled_attention_output_and_next_inputs

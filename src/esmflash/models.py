@@ -23,6 +23,7 @@ from .attention import resolve_backend, varlen_attention
 from .fused import (
     attention_inputs_eager,
     attention_output,
+    attention_output_and_next_inputs_eager,
     compiled_layer_functions,
     fuse_parameters,
     is_view_of,
@@ -166,18 +167,27 @@ class PackedESM2(ESM2):
             x = x * scale[batch.seq_index][:, None].to(x.dtype)
         return x
 
-    def _layer_packed(self, layer, qkv: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
-                      cos_h: torch.Tensor, sin_h: torch.Tensor, batch: PackedBatch,
-                      pre: Callable, post: Callable) -> torch.Tensor:
-        """One layer: x [T, D] -> [T, D]. pre/post: the fused.attention_inputs(_eager) and
-        fused.attention_output implementations (eager or compiled)."""
-        attn, ln1, ln2 = layer.self_attn, layer.self_attn_layer_norm, layer.final_layer_norm
-        q, k, v = pre(x, ln1.weight, ln1.bias, ln1.eps, qkv[0], qkv[1], cos_h, sin_h)
-        o = varlen_attention(self.attention_backend, q, k, v, batch.cu_seqlens, batch.max_seqlen, attn.scaling)
-        return post(
-            x, o, attn.out_proj.weight, attn.out_proj.bias, ln2.weight, ln2.bias, ln2.eps,
-            layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias,
-        )
+    @staticmethod
+    def _input_weights(layer, qkv: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+        """(LayerNorm weight, bias, eps, QKV weight [3D, D], bias [3D]) of a layer: the weights of
+        fused.attention_inputs."""
+        ln = layer.self_attn_layer_norm
+        return ln.weight, ln.bias, ln.eps, qkv[0], qkv[1]
+
+    @staticmethod
+    def _output_weights(layer) -> tuple:
+        """(out_proj weight, bias, LayerNorm weight, bias, eps, fc1 weight, bias, fc2 weight, bias)
+        of a layer: the weights of fused.attention_output."""
+        out, ln = layer.self_attn.out_proj, layer.final_layer_norm
+        return out.weight, out.bias, ln.weight, ln.bias, ln.eps, layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias
+
+    def _layer_functions(self) -> tuple[Callable, Callable, Callable]:
+        """(attention_inputs, attention_output, attention_output_and_next_inputs) of `forward_impl`."""
+        if self.forward_impl == "compiled":
+            return compiled_layer_functions(self.compile_mode)
+        if self.forward_impl == "eager":
+            return attention_inputs_eager, attention_output, attention_output_and_next_inputs_eager
+        raise ValueError(f"forward_impl must be 'eager' or 'compiled', got {self.forward_impl!r}")
 
     def forward_packed(
         self,
@@ -197,20 +207,25 @@ class PackedESM2(ESM2):
         bad = [r for r in repr_layers if not 0 <= r <= self.num_layers]
         if bad:
             raise ValueError(f"repr_layers {bad} out of range 0..{self.num_layers}")
-        if self.forward_impl == "compiled":
-            pre, post = compiled_layer_functions(self.compile_mode)
-        elif self.forward_impl == "eager":
-            pre, post = attention_inputs_eager, attention_output
-        else:
-            raise ValueError(f"forward_impl must be 'eager' or 'compiled', got {self.forward_impl!r}")
+        pre, post, boundary = self._layer_functions()
         qkv = self._fused_qkv()
         x = self._embed_packed(batch)
         reps: dict[int, torch.Tensor] = {}
         if 0 in repr_layers:
             reps[0] = x
         cos_h, sin_h = rotary_half_tables(batch.positions, self.embed_dim // self.attention_heads)
-        for i, layer in enumerate(self.layers):
-            x = self._layer_packed(layer, qkv[i], x, cos_h, sin_h, batch, pre, post)
+        layers = self.layers
+        q, k, v = pre(x, *self._input_weights(layers[0], qkv[0]), cos_h, sin_h)
+        for i, layer in enumerate(layers):
+            o = varlen_attention(self.attention_backend, q, k, v, batch.cu_seqlens, batch.max_seqlen,
+                                 layer.self_attn.scaling)
+            del q, k, v  # the QKV buffers die here, before the MLP allocates
+            if i + 1 < len(layers):
+                x, q, k, v = boundary(x, o, *self._output_weights(layer),
+                                      *self._input_weights(layers[i + 1], qkv[i + 1]), cos_h, sin_h)
+            else:
+                x = post(x, o, *self._output_weights(layer))
+            del o
             if check_layers:
                 check_finite(x, f"layer {i + 1}", batch)
             if i + 1 in repr_layers and i + 1 != self.num_layers:
