@@ -50,13 +50,19 @@ class ForwardMetrics:
     def track_mfu(self, cache, model, precision, length):
         return self.row["mfu_percent"]
 
-    track_mfu.unit = "% of fp16 matmul peak"
+    track_mfu.unit = "% of fp16 matmul peak (esmflash.perf.mfu_denominator)"
 
     @skip_for_params(GPU_ONLY)
     def track_gpu_peak_memory(self, cache, model, precision, length):
         return self.row["gpu_peak_memory_bytes"]
 
     track_gpu_peak_memory.unit = "bytes"
+
+    @skip_for_params(GPU_ONLY)
+    def track_activation_bytes_per_token(self, cache, model, precision, length):
+        return self.row["activation_bytes_per_token"]
+
+    track_activation_bytes_per_token.unit = "bytes/token"
 
     @skip_for_params(HALF_ONLY)
     def track_speedup_over_fp32(self, cache, model, precision, length):
@@ -94,3 +100,21 @@ class StockBaseline:
         return self.row["tokens_per_second"]
 
     track_stock_tokens_per_second.unit = "tokens/s"
+
+
+class MatmulPeak:
+    """The dense fp16 8192^3 matmul rate measured in the metrics process (GPU tier): how far this
+    card's clocks were from the fixed per-model MFU denominator during the run."""
+
+    version = common.VERSION
+    timeout = 60
+
+    def setup(self, cache):
+        if "matmul_peak" not in cache:
+            raise NotImplementedError(f"no matmul peak on the {common.TIER} tier")
+        self.peak = cache["matmul_peak"]
+
+    def track_matmul_peak_tflops(self, cache):
+        return self.peak["measured_flops"] / 1e12
+
+    track_matmul_peak_tflops.unit = "TFLOP/s"

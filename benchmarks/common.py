@@ -66,7 +66,8 @@ TIER_SELECTION = {
         FORWARD_SELECTION["gpu"],
         r"peakmem_forward_packed\('esm2_t33_650M_UR50D', 'fp16', 'mixed'",
         r"time_attention_kernel\('esm2_t33_650M_UR50D', '(fp32', 'sdpa|fp16|bf16)'",
-        r"track_(tokens_per_second|gpu_peak_memory)\('esm2_t(33_650M|36_3B)_UR50D'",
+        r"track_(tokens_per_second|gpu_peak_memory|activation_bytes_per_token)\('esm2_t(33_650M|36_3B)_UR50D'",
+        r"track_matmul_peak_tflops",
         r"track_(mfu|speedup_over_fp32|speedup_over_stock_fp32|max_rel_error_vs_fp32)\('esm2_t(33_650M|36_3B)_UR50D', '(fp16|bf16)'",
         r"track_stock_tokens_per_second\('esm2_t(33_650M|36_3B)_UR50D'",
     ],
@@ -262,8 +263,12 @@ def measure_forward_metrics() -> dict:
     for stock fair-esm. Engine rows:
 
       tokens_per_second      real tokens (BOS/EOS, no padding) / median seconds per pass
-      mfu_percent            model FLOP/s over the dense fp16 8192^3 matmul rate measured here
+      mfu_percent            model FLOP/s over the dense fp16 8192^3 matmul rate of this GPU model
+                             (esmflash.perf.mfu_denominator: a fixed reference per GPU model where
+                             one is recorded, else measured here)
       gpu_peak_memory_bytes  weights + the batch + the pass's peak of torch.cuda allocations
+      activation_bytes_per_token  the pass's peak of torch.cuda allocations above what was
+                             allocated before it (weights, batch), per token of the batch
       speedup_over_fp32      fp32 packed seconds / these seconds (same model, class and run)
       speedup_over_stock_fp32  stock fair-esm fp32 padded seconds / these seconds
       max_rel_err_vs_fp32    max|x - ref| / max|ref|, last-layer representations, against the
@@ -272,19 +277,25 @@ def measure_forward_metrics() -> dict:
                              forward_impl is the engine's default: compiled on a GPU)
 
     Stock rows: tokens_per_second (real tokens / median seconds of the padded forward).
+    GPU only, key "matmul_peak": {"measured_flops": the dense fp16 8192^3 rate measured in this
+    process, "mfu_denominator_flops", "mfu_denominator_source"}.
     Passes per measurement: one for memory and outputs (it also warms up), then `samples` timed.
     """
     import torch
 
     from esmflash.models import cast_model
     from esmflash.numerics import relative_errors
-    from esmflash.perf import forward_flops, matmul_peak_flops, median, time_device
+    from esmflash.perf import forward_flops, matmul_peak_flops, median, mfu_denominator, time_device
 
     dev = device()
     gpu = dev.type == "cuda"
     samples = 3
-    peak = matmul_peak_flops(dev, torch.float16) if gpu else None
     out: dict = {}
+    peak = None
+    if gpu:
+        peak, source = mfu_denominator(dev)
+        out["matmul_peak"] = {"measured_flops": matmul_peak_flops(dev, torch.float16),
+                              "mfu_denominator_flops": peak, "mfu_denominator_source": source}
 
     def measure(model, length: str, reference: list | None) -> tuple[dict, list]:
         batches = packed_batches(model, length)
@@ -297,7 +308,9 @@ def measure_forward_metrics() -> dict:
         reps = forward_packed(model, batches)
         row = {"attention_backend": model.attention_backend, "forward_impl": model.forward_impl}
         if gpu:
-            row["gpu_peak_memory_bytes"] = float(params + inputs + torch.cuda.max_memory_allocated() - before)
+            activations = torch.cuda.max_memory_allocated() - before
+            row["gpu_peak_memory_bytes"] = float(params + inputs + activations)
+            row["activation_bytes_per_token"] = activations / sum(b.num_tokens for b in batches)
         seconds = median(time_device(lambda: forward_packed(model, batches), dev, samples, 0))
         tokens = sum(b.num_tokens for b in batches)
         row["seconds"] = seconds

@@ -32,7 +32,7 @@ from esmflash.attention import varlen_attention
 from esmflash.embed import split_per_sequence
 from esmflash.models import find_checkpoint
 from esmflash.packing import build_batch, prepare_segments
-from esmflash.perf import forward_flops
+from esmflash.perf import forward_flops, mfu_denominator
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 TOL = 1e-5
@@ -502,3 +502,9 @@ def test_forward_flops_650m_by_hand():
     assert forward_flops([t], L, d) == pytest.approx(t * 33 * (24 * d * d + 4 * t * d))
     assert forward_flops([3, 128, 1024], L, d) == pytest.approx(sum(forward_flops([n], L, d) for n in (3, 128, 1024)))
     assert forward_flops([], L, d) == 0.0
+
+
+def test_mfu_denominator_off_gpu_is_measured():
+    peak, source = mfu_denominator("cpu")  # no fixed reference for CPUs: measured now (fp32, 2048^3)
+    assert source == "measured"
+    assert peak > 1e8

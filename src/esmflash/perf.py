@@ -1,4 +1,4 @@
-"""FLOP counts, device timing and the measured matmul peak used for MFU."""
+"""FLOP counts, device timing and the matmul peak used for MFU."""
 
 from __future__ import annotations
 
@@ -63,3 +63,21 @@ def matmul_peak_flops(device: torch.device | str, dtype: torch.dtype = torch.flo
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     samples = time_device(lambda: a @ b, device, repeats=10, warmup=3)
     return 2.0 * n**3 / median(samples)
+
+
+# Dense fp16 8192^3 matmul rate (FLOP/s) per GPU model (torch.cuda.get_device_name), measured once
+# and then held fixed: the MFU denominator for that model. A fresh measurement per process moved
+# 710-768 TFLOP/s on one H200 (boost clocks under a power limit; benchmarks/NOTES.md), which made
+# MFU move +-4% with no change to the forward. H200: the 731 TFLOP/s of issue 5's reference run.
+REFERENCE_MATMUL_PEAK_FLOPS: dict[str, float] = {"NVIDIA H200": 731e12}
+
+
+def mfu_denominator(device: torch.device | str) -> tuple[float, str]:
+    """(FLOP/s, source) that MFU divides by on `device`: the REFERENCE_MATMUL_PEAK_FLOPS entry of
+    its GPU model ("reference"), else `matmul_peak_flops` measured now ("measured")."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        reference = REFERENCE_MATMUL_PEAK_FLOPS.get(torch.cuda.get_device_name(device))
+        if reference is not None:
+            return reference, "reference"
+    return matmul_peak_flops(device, torch.float16), "measured"
