@@ -293,9 +293,10 @@ def measure_forward_metrics() -> dict:
     out: dict = {}
     peak = None
     if gpu:
-        peak, source = mfu_denominator(dev)
-        out["matmul_peak"] = {"measured_flops": matmul_peak_flops(dev, torch.float16),
-                              "mfu_denominator_flops": peak, "mfu_denominator_source": source}
+        measured = matmul_peak_flops(dev, torch.float16)
+        peak, source = mfu_denominator(dev, measured)
+        out["matmul_peak"] = {"measured_flops": measured, "mfu_denominator_flops": peak,
+                              "mfu_denominator_source": source}
 
     def measure(model, length: str, reference: list | None) -> tuple[dict, list]:
         batches = packed_batches(model, length)
@@ -305,14 +306,14 @@ def measure_forward_metrics() -> dict:
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
+        tokens = sum(b.num_tokens for b in batches)
         reps = forward_packed(model, batches)
         row = {"attention_backend": model.attention_backend, "forward_impl": model.forward_impl}
         if gpu:
             activations = torch.cuda.max_memory_allocated() - before
             row["gpu_peak_memory_bytes"] = float(params + inputs + activations)
-            row["activation_bytes_per_token"] = activations / sum(b.num_tokens for b in batches)
+            row["activation_bytes_per_token"] = activations / tokens
         seconds = median(time_device(lambda: forward_packed(model, batches), dev, samples, 0))
-        tokens = sum(b.num_tokens for b in batches)
         row["seconds"] = seconds
         row["tokens_per_second"] = tokens / seconds
         if gpu:

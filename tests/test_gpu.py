@@ -159,9 +159,10 @@ def test_half_precision_accuracy_vs_stock(reference):
 @torch.no_grad()
 def test_activation_memory_per_token(reference):
     """The compiled fp16 pass's activation peak (allocations above weights and batch) per token of
-    a ~16k-token mixed batch. Measured on an H200 with the layer boundary in one graph and the
-    q/k/v buffers freed before the MLP: 23-25 KB/token for 650M (36 KB before); the bound leaves
-    room for allocator rounding on other cards and still catches one extra [T, 4D] buffer."""
+    a ~16k-token mixed batch. Measured by this test on an H200 (a501427, layer boundary in one
+    graph, q/k/v freed before the MLP): 20.3 KiB/token for 650M; tools/mfu_probe.py put the
+    forward before those changes at ~35 KB/token. The bound leaves room for allocator rounding on
+    other cards and still catches one extra [T, 4D] buffer."""
     model = cast_model(reference, "fp16", "torch_flash", compile=True)
     batch = pack_sequences(_records(16384), model.alphabet, 16384)[0].to("cuda")
     model.forward_packed(batch, repr_layers=[model.num_layers])  # compile and warm up

@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.index is None:  # torch.cuda.set_device needs an index
         device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
-    peak, source = mfu_denominator(device)
     measured = matmul_peak_flops(device, torch.float16, 8192)
+    peak, source = mfu_denominator(device, measured)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "peak_tflops_fp16_8192": round(measured / 1e12, 1), "mfu_denominator_tflops": round(peak / 1e12, 1),
            "mfu_denominator_source": source}

@@ -79,8 +79,9 @@ class PackedESM2(ESM2):
 
     def set_compile(self, enabled: bool | None = True, mode: str | None = None) -> str:
         """Select the layer implementation of `forward_packed` and return it (`forward_impl`):
-        "compiled" runs LayerNorm + QKV + rotary and out_proj + MLP of every layer through two
-        torch.compile'd functions (attention stays eager; see esmflash.fused), "eager" plain
+        "compiled" runs the layer math around attention through torch.compile'd functions (the
+        first layer's LayerNorm + QKV + rotary, then one graph per layer boundary; attention
+        stays eager; see esmflash.fused), "eager" plain
         PyTorch ops. enabled=None picks compiled on CUDA and eager elsewhere (the default of
         `load_esm2_model`). `mode` is torch.compile's (None: esmflash's tuned options,
         fused.COMPILE_OPTIONS). The first compiled forward per model shape and dtype compiles

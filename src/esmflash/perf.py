@@ -72,12 +72,15 @@ def matmul_peak_flops(device: torch.device | str, dtype: torch.dtype = torch.flo
 REFERENCE_MATMUL_PEAK_FLOPS: dict[str, float] = {"NVIDIA H200": 731e12}
 
 
-def mfu_denominator(device: torch.device | str) -> tuple[float, str]:
+def mfu_denominator(device: torch.device | str, measured: float | None = None) -> tuple[float, str]:
     """(FLOP/s, source) that MFU divides by on `device`: the REFERENCE_MATMUL_PEAK_FLOPS entry of
-    its GPU model ("reference"), else `matmul_peak_flops` measured now ("measured")."""
+    its GPU model ("reference"), else the measured rate ("measured"): `measured` when the caller
+    already has `matmul_peak_flops(device)`, otherwise measured now."""
     device = torch.device(device)
     if device.type == "cuda":
         reference = REFERENCE_MATMUL_PEAK_FLOPS.get(torch.cuda.get_device_name(device))
         if reference is not None:
             return reference, "reference"
-    return matmul_peak_flops(device, torch.float16), "measured"
+    if measured is None:
+        measured = matmul_peak_flops(device, torch.float16)
+    return measured, "measured"
