@@ -3,7 +3,7 @@
 from asv_runner.benchmarks.mark import skip_for_params
 
 from . import common
-from .common import ALL_MODELS, LENGTH_CLASSES, PRECISIONS
+from .common import ALL_MODELS, HOPPER_GRID, LENGTH_CLASSES, PRECISIONS
 
 GRID = (ALL_MODELS, PRECISIONS, LENGTH_CLASSES)
 
@@ -28,6 +28,31 @@ class ForwardPacked:
         self.model, self.batches = common.prepare_forward(model, precision, length)
 
     @skip_for_params(common.skip_list(*GRID, keep=lambda m, p, l: common.runs_here(m, p)))
+    def time_forward_packed(self, model, precision, length):
+        with common.no_grad():
+            common.forward_packed(self.model, self.batches)
+
+
+class ForwardPackedHopper:
+    """ForwardPacked with the "hopper" kernel set (common.KERNEL_SETS: FlashAttention-4 and fc1 +
+    GELU in quack's epilogue GEMM), fp16/bf16 on the GPU tier; n/a where either is not installed
+    or the GPU is not compute capability 9.x."""
+
+    params = HOPPER_GRID
+    param_names = ["model", "precision", "length"]
+    version = common.HOPPER_VERSION
+    timeout = 300
+    number = 1
+    repeat = common.REPEAT
+    rounds = 1
+    warmup_time = 0
+
+    def setup(self, model, precision, length):
+        reason = common.hopper_unavailable_reason(precision)
+        if reason is not None:
+            raise NotImplementedError(reason)
+        self.model, self.batches = common.prepare_forward(model, precision, length, kernels="hopper")
+
     def time_forward_packed(self, model, precision, length):
         with common.no_grad():
             common.forward_packed(self.model, self.batches)

@@ -7,7 +7,7 @@ common.measure_forward_metrics."""
 from asv_runner.benchmarks.mark import skip_for_params
 
 from . import common
-from .common import ALL_MODELS, LENGTH_CLASSES, PRECISIONS
+from .common import ALL_MODELS, HOPPER_GRID, LENGTH_CLASSES, PRECISIONS
 
 GRID = (ALL_MODELS, PRECISIONS, LENGTH_CLASSES)
 ON_TIER = common.skip_list(*GRID, keep=lambda m, p, l: common.runs_here(m, p))
@@ -77,6 +77,50 @@ class ForwardMetrics:
     track_speedup_over_stock_fp32.unit = "x"
 
     @skip_for_params(HALF_ONLY)
+    def track_max_rel_error_vs_fp32(self, cache, model, precision, length):
+        return self.row["max_rel_err_vs_fp32"]
+
+    track_max_rel_error_vs_fp32.unit = "relative"
+
+
+class HopperMetrics:
+    """ForwardMetrics of the "hopper" kernel set (common.KERNEL_SETS: FlashAttention-4 and fc1 +
+    GELU in quack's epilogue GEMM), measured in the same process as the bundled rows; n/a where
+    the set cannot run."""
+
+    params = HOPPER_GRID
+    param_names = ["model", "precision", "length"]
+    version = common.HOPPER_VERSION
+    timeout = 60
+
+    def setup(self, cache, model, precision, length):
+        self.row = _row(cache, ("hopper", model, precision, length))
+
+    def track_tokens_per_second(self, cache, model, precision, length):
+        return self.row["tokens_per_second"]
+
+    track_tokens_per_second.unit = "tokens/s"
+
+    def track_mfu(self, cache, model, precision, length):
+        return self.row["mfu_percent"]
+
+    track_mfu.unit = "% of fp16 matmul peak (esmflash.perf.mfu_denominator)"
+
+    def track_activation_bytes_per_token(self, cache, model, precision, length):
+        return self.row["activation_bytes_per_token"]
+
+    track_activation_bytes_per_token.unit = "bytes/token"
+
+    def track_speedup_over_stock_fp32(self, cache, model, precision, length):
+        return self.row["speedup_over_stock_fp32"]
+
+    track_speedup_over_stock_fp32.unit = "x"
+
+    def track_speedup_over_bundled(self, cache, model, precision, length):
+        return self.row["speedup_over_bundled"]
+
+    track_speedup_over_bundled.unit = "x"
+
     def track_max_rel_error_vs_fp32(self, cache, model, precision, length):
         return self.row["max_rel_err_vs_fp32"]
 

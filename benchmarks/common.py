@@ -70,6 +70,8 @@ TIER_SELECTION = {
         r"track_matmul_peak_tflops",
         r"track_(mfu|speedup_over_fp32|speedup_over_stock_fp32|max_rel_error_vs_fp32)\('esm2_t(33_650M|36_3B)_UR50D', '(fp16|bf16)'",
         r"track_stock_tokens_per_second\('esm2_t(33_650M|36_3B)_UR50D'",
+        r"ForwardPackedHopper\.time_forward_packed\('esm2_t(33_650M|36_3B)_UR50D', '(fp16|bf16)', 'mixed'",
+        r"HopperMetrics\.track_",
     ],
     "cpu": [r"\('esm2_t(6_8M|12_35M)_UR50D', 'fp32'"],
 }
@@ -110,6 +112,17 @@ KERNEL_FAMILY = {"torch_flash": "pytorch_flash::flash_fwd", "flash_attn": "flash
 VERSION = BENCH_VERSION + ";attention=" + ",".join(
     f"{tier}:{p}:{b}" for tier, pins in PINNED_BACKEND.items() for p, b in pins.items()
 )
+# Kernel sets of the timed engine. "bundled": what PyTorch alone ships (the attention pins above,
+# cuBLAS GEMMs); every series without "Hopper" in its name. "hopper": FlashAttention-4 and fc1 +
+# GELU in quack's epilogue GEMM (both arrive with flash-attn-4; compute capability 9.x, fp16 and
+# bf16), the fastest engine on an H100/H200; its series (ForwardPackedHopper, HopperMetrics) are
+# n/a wherever either is missing, so installing them never moves a bundled series.
+KERNEL_SETS = {
+    "bundled": {"attention": None, "gemm": "cublas"},
+    "hopper": {"attention": "fa4", "gemm": "quack"},
+}
+HOPPER_VERSION = VERSION + ";hopper=fa4+quack"
+HOPPER_GRID = (MODELS_BY_TIER["gpu"], HALF_PRECISIONS, LENGTH_CLASSES)
 
 
 def runs_here(model: str, precision: str) -> bool:
@@ -173,15 +186,40 @@ _DATA: dict = {}
 _READY: set = set()
 
 
-def load_model(name: str, precision: str):
-    """The packed model for this process with its pinned backend, loaded once (asv re-runs setup
-    before every sample). Weights: seeded random (seed 0) unless a checkpoint is on disk."""
-    key = (name, precision)
+def kernel_backends(precision: str, kernels: str = "bundled") -> tuple[str, str]:
+    """(attention backend, GEMM backend) of a kernel set (KERNEL_SETS) at this precision."""
+    pins = KERNEL_SETS[kernels]
+    return pins["attention"] or PINNED_BACKEND[TIER][precision], pins["gemm"]
+
+
+def hopper_unavailable_reason(precision: str) -> str | None:
+    """Why the "hopper" kernel set cannot run here at this precision, or None when it can."""
+    if TIER != "gpu" or precision not in HALF_PRECISIONS:
+        return f"the hopper kernel set runs fp16/bf16 on the GPU tier only ({TIER} tier, {precision})"
+    import torch
+
+    from esmflash.attention import backend_unavailable_reason
+    from esmflash.epilogue import gemm_unavailable_reason
+    from esmflash.models import PRECISIONS as DTYPES
+
+    attention, gemm = kernel_backends(precision, "hopper")
+    dev, dtype = device(), DTYPES[precision]
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return "no CUDA device"
+    return backend_unavailable_reason(attention, dev, dtype) or gemm_unavailable_reason(gemm, dev, dtype)
+
+
+def load_model(name: str, precision: str, kernels: str = "bundled"):
+    """The packed model for this process with its kernel set's pinned backends, loaded once (asv
+    re-runs setup before every sample). Weights: seeded random (seed 0) unless a checkpoint is on
+    disk."""
+    key = (name, precision, kernels)
     if key not in _MODELS:
         from esmflash import load_esm2_model
 
-        backend = PINNED_BACKEND[TIER][precision]
-        _MODELS[key], _ = load_esm2_model(name, precision=precision, device=device(), attention=backend, seed=0)
+        attention, gemm = kernel_backends(precision, kernels)
+        _MODELS[key], _ = load_esm2_model(name, precision=precision, device=device(), attention=attention,
+                                          gemm=gemm, seed=0)
     return _MODELS[key]
 
 
@@ -243,13 +281,13 @@ def verify_kernel_family(model) -> list[str]:
     return kernels
 
 
-def prepare_forward(name: str, precision: str, length_class: str):
+def prepare_forward(name: str, precision: str, length_class: str, kernels: str = "bundled"):
     """(model, packed batches on device), warmed up once per process: the kernel family is
     verified first (a fallback fails instead of being timed), then one full pass."""
     with no_grad():
-        model = load_model(name, precision)
+        model = load_model(name, precision, kernels)
         batches = packed_batches(model, length_class)
-        key = ("packed", name, precision, length_class)
+        key = ("packed", name, precision, length_class, kernels)
         if key not in _READY:
             verify_kernel_family(model)
             forward_packed(model, batches)
@@ -273,9 +311,12 @@ def measure_forward_metrics() -> dict:
       speedup_over_stock_fp32  stock fair-esm fp32 padded seconds / these seconds
       max_rel_err_vs_fp32    max|x - ref| / max|ref|, last-layer representations, against the
                              fp32 model with the same weights (half precisions only)
-      attention_backend, forward_impl, kernels  what ran (recorded in the cache, not tracked;
-                             forward_impl is the engine's default: compiled on a GPU)
+      attention_backend, gemm_backend, forward_impl, kernels  what ran (recorded in the cache,
+                             not tracked; forward_impl is the engine's default: compiled on a GPU)
 
+    Rows of the "hopper" kernel set (KERNEL_SETS), where it can run: key ("hopper", model,
+    precision, length class), the same fields plus speedup_over_bundled (the bundled row's seconds
+    / these seconds, same process).
     Stock rows: tokens_per_second (real tokens / median seconds of the padded forward).
     GPU only, key "matmul_peak": {"measured_flops": the dense fp16 8192^3 rate measured in this
     process, "mfu_denominator_flops", "mfu_denominator_source"}.
@@ -308,7 +349,8 @@ def measure_forward_metrics() -> dict:
             torch.cuda.reset_peak_memory_stats()
         tokens = sum(b.num_tokens for b in batches)
         reps = forward_packed(model, batches)
-        row = {"attention_backend": model.attention_backend, "forward_impl": model.forward_impl}
+        row = {"attention_backend": model.attention_backend, "gemm_backend": model.gemm_backend,
+               "forward_impl": model.forward_impl}
         if gpu:
             activations = torch.cuda.max_memory_allocated() - before
             row["gpu_peak_memory_bytes"] = float(params + inputs + activations)
@@ -341,16 +383,23 @@ def measure_forward_metrics() -> dict:
                 row["speedup_over_fp32"] = 1.0
                 row["speedup_over_stock_fp32"] = stock_fp32[length] / row["seconds"]
                 out[(name, "fp32", length)] = row
-            for precision in HALF_PRECISIONS if gpu else []:
-                model = cast_model(ref, precision, attention=PINNED_BACKEND[TIER][precision])
-                kernels = verify_kernel_family(model)
+            for precision, kernels in itertools.product(HALF_PRECISIONS if gpu else [], KERNEL_SETS):
+                if kernels != "bundled" and hopper_unavailable_reason(precision) is not None:
+                    continue
+                attention, gemm = kernel_backends(precision, kernels)
+                model = cast_model(ref, precision, attention=attention, gemm=gemm)
+                names = verify_kernel_family(model)
                 for length in LENGTH_CLASSES:
                     row, _ = measure(model, length, reference[length])
-                    row["kernels"] = kernels
+                    row["kernels"] = names
                     row["speedup_over_fp32"] = fp32_seconds[length] / row["seconds"]
                     row["speedup_over_stock_fp32"] = stock_fp32[length] / row["seconds"]
-                    out[(name, precision, length)] = row
-                    if precision == "fp16":  # stock fair-esm `.half()`: same weights, padded forward
+                    if kernels == "bundled":
+                        out[(name, precision, length)] = row
+                    else:
+                        row["speedup_over_bundled"] = out[(name, precision, length)]["seconds"] / row["seconds"]
+                        out[(kernels, name, precision, length)] = row
+                    if precision == "fp16" and kernels == "bundled":  # stock `.half()`: same weights, padded
                         tokens = sum(b.num_tokens for b in packed_batches(model, length))
                         out[("stock", name, "fp16", length)] = {"tokens_per_second": tokens / measure_stock(model, length)}
                 del model

@@ -30,6 +30,7 @@ from esmflash import (
 )
 from esmflash.attention import varlen_attention
 from esmflash.embed import split_per_sequence
+from esmflash.epilogue import linear_gelu, resolve_gemm_backend
 from esmflash.models import find_checkpoint
 from esmflash.packing import build_batch, prepare_segments
 from esmflash.perf import forward_flops, mfu_denominator
@@ -412,6 +413,24 @@ def test_flash_backends_unavailable_on_cpu(model8, name):
     assert model8.attention_backend == "sdpa"  # a refused backend leaves the model unchanged
     with pytest.raises(BackendUnavailableError, match=name):
         _load("esm2_t6_8M_UR50D", precision="bf16", attention=name)
+
+
+def test_gemm_backend_on_cpu(model8):
+    """auto is cuBLAS off Hopper; quack is refused with the reason, and the model keeps its
+    backend; the cublas linear_gelu is exactly F.gelu(F.linear(...))."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert resolve_gemm_backend("auto", "cpu", dtype) == "cublas"
+    assert model8.gemm_backend == "cublas"
+    with pytest.raises(BackendUnavailableError, match="'quack' unavailable: quack needs a CUDA device"):
+        model8.set_gemm_backend("quack")
+    assert model8.gemm_backend == "cublas"
+    with pytest.raises(BackendUnavailableError, match="unknown GEMM backend 'cutlass'"):
+        resolve_gemm_backend("cutlass", "cpu", torch.float16)
+    with pytest.raises(BackendUnavailableError, match="quack"):
+        _load("esm2_t6_8M_UR50D", precision="bf16", gemm="quack")
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(5, 8, generator=g), torch.randn(32, 8, generator=g), torch.randn(32, generator=g)
+    assert torch.equal(linear_gelu(x, w, b), torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)))
 
 
 def test_unknown_backend_raises(model8):

@@ -16,6 +16,7 @@ left over (median wall time minus all kernel time: launch gaps, host work).
     python tools/mfu_probe.py --configs esm2_t33_650M_UR50D:fp16 --budgets 16384 --impls compiled
     python tools/mfu_probe.py --jsonl probe.jsonl    # also append the JSON lines to a file
     python tools/mfu_probe.py --breakdown --no-reference --budgets 16384   # where the time goes
+    python tools/mfu_probe.py --impls compiled --gemms cublas,quack     # GEMM epilogue backends
 
 Weights: the real checkpoint when esmflash finds one on disk, else seeded random weights (the
 fp32 reference and the half model draw the same ones). A config that fails prints an "error"
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import sys
 import time
@@ -142,6 +144,7 @@ def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, 
         "forward_impl": model.forward_impl,
         "compile_mode": model.compile_mode,
         "attention": model.attention_backend,
+        "gemm": model.gemm_backend,
         "budget": budget,
         "tokens": batch.num_tokens,
         "sequences": batch.num_sequences,
@@ -167,7 +170,7 @@ def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, 
 def print_row(row: dict) -> None:
     err = f"{row['max_rel_err']:.2e}" if "max_rel_err" in row else "n/a"
     print(
-        f"{row['model']:>20s} {row['precision']:>4s} {row['forward_impl']:>8s} T={row['tokens']:>5d} "
+        f"{row['model']:>20s} {row['precision']:>4s} {row['forward_impl']:>8s} {row['gemm']:>6s} T={row['tokens']:>5d} "
         f"first {row['first_call_s']:7.2f}s  {row['median_ms']:8.2f} ms  {row['tokens_per_s'] / 1e3:7.1f}k tok/s  "
         f"{row['tflops']:6.1f} TFLOP/s  MFU {row['mfu_pct']:5.1f}%  peak {row['peak_mem_mib'] / 1024:6.2f} GiB "
         f"(+{row['activation_peak_mib'] / 1024:.2f})  graphs +{row['new_graphs']}  max rel err {err}",
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="16384,32768", help="comma-separated token budgets")
     parser.add_argument("--impls", default="eager,compiled", help="comma-separated forward_impl values")
     parser.add_argument("--attention", default="auto", help="attention backend (auto: fastest available)")
+    parser.add_argument("--gemms", default="cublas", help="comma-separated GEMM backends (cublas, quack)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled impl")
     parser.add_argument("--repeats", type=int, default=7, help="timed samples per config (>= 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first one")
@@ -241,21 +245,21 @@ def main(argv: list[str] | None = None) -> int:
             model, _ = load_esm2_model(name, precision=precision, device=device, attention=args.attention, seed=args.seed)
             print(f"# {name} {precision}: loaded in {time.perf_counter() - t_load:.1f}s, weights "
                   f"{model.weights_source}, attention {model.attention_backend}", flush=True)
-            for impl in impls:
-                model.set_compile(impl == "compiled", args.compile_mode)
-                for b in budgets:
-                    try:
-                        row = probe_one(model, batches[b], b, refs.get(b), args, peak)
-                    except Exception as exc:  # report and go on: one broken config must not hide the rest
-                        traceback.print_exc()
-                        row = {"model": name, "precision": precision, "forward_impl": impl, "budget": b,
-                               "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
-                        print(f"{name} {precision} {impl} budget {b}: FAILED {row['error']}", flush=True)
-                        emit({**row, **env}, args)
-                        free_cuda()
-                        continue
-                    print_row(row)
-                    emit({**row, **env, "weights_source": model.weights_source}, args)
+            for impl, gemm, b in itertools.product(impls, args.gemms.split(","), budgets):
+                try:
+                    model.set_compile(impl == "compiled", args.compile_mode)
+                    model.set_gemm_backend(gemm)
+                    row = probe_one(model, batches[b], b, refs.get(b), args, peak)
+                except Exception as exc:  # report and go on: one broken config must not hide the rest
+                    traceback.print_exc()
+                    row = {"model": name, "precision": precision, "forward_impl": impl, "gemm": gemm, "budget": b,
+                           "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
+                    print(f"{name} {precision} {impl} {gemm} budget {b}: FAILED {row['error']}", flush=True)
+                    emit({**row, **env}, args)
+                    free_cuda()
+                    continue
+                print_row(row)
+                emit({**row, **env, "weights_source": model.weights_source}, args)
             del model
             free_cuda()
         del refs

@@ -3,7 +3,8 @@
     esmflash embed IN.fasta -o OUT.npz [--model NAME|PATH] [--precision {fp32,fp16,bf16}]
         [--max-tokens N] [--device DEVICE] [--repr-layers L [L ...]] [--per-token]
         [--long-policy {error,truncate,chunk}] [--attention {auto,fa4,flash_attn,torch_flash,sdpa}]
-        [--seed N] [--compile | --no-compile] [--no-progress] [--resumable] [--restart]
+        [--gemm {auto,cublas,quack}] [--seed N] [--compile | --no-compile] [--no-progress]
+        [--resumable] [--restart]
     torchrun --nproc-per-node N -m esmflash embed IN.fasta -o OUT.npz ...
 
 IN '-' reads standard input. All input is read, validated and packed before the model is loaded,
@@ -12,7 +13,8 @@ so bad input fails in seconds. Defaults: --model esm2_t33_650M_UR50D, --device c
 batch, BOS/EOS included), --repr-layers the last layer (negative numbers count from the end as in
 fair-esm: -1 is the last layer, 0 the embeddings), --long-policy error (sequences over 1022
 residues are refused; 'truncate' keeps the first 1022, 'chunk' embeds near-equal pieces of at
-most 1022 residues and stitches them back), --attention auto, --seed 0 (used only for seeded
+most 1022 residues and stitches them back), --attention auto, --gemm auto (fc1 + GELU in
+quack's epilogue GEMM on Hopper GPUs where quack-kernels is installed, cuBLAS elsewhere), --seed 0 (used only for seeded
 random weights when no checkpoint is on disk), torch.compile'd layer halves on CUDA devices
 (the first batch pays seconds of compilation; --no-compile runs eager layers) and eager layers
 elsewhere (--compile forces compiled).
@@ -27,7 +29,8 @@ Output: one .npz file (numpy.load), written at exactly the path given by -o:
     offsets         int64   [N+1]          --per-token only: rows of sequence i are
                                            tokens_<layer>[offsets[i]:offsets[i+1]]
     meta            unicode 0-d            JSON: {model, weights_source, precision,
-                                           attention_backend, forward_impl, esmflash_version,
+                                           attention_backend, gemm_backend, forward_impl,
+                                           esmflash_version,
                                            repr_layers, long_policy}; read with
                                            json.loads(str(f["meta"]))
 
@@ -77,6 +80,7 @@ import esm
 from . import __version__
 from .atomic import AtomicFile
 from .attention import BACKENDS, resolve_backend
+from .epilogue import GEMM_BACKENDS, resolve_gemm_backend
 from .distributed import Ranks, assign_units, env_rank, env_world_size, run_units
 from .embed import Embeddings, embed_batches, model_info
 from .errors import EsmflashError, RankFailedError
@@ -112,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Not argparse choices: an unknown name is reported like an unavailable one (one error line).
     p.add_argument("--attention", default="auto", metavar="{" + ",".join(("auto",) + BACKENDS) + "}",
                    help="varlen attention backend (default auto: the fastest available)")
+    p.add_argument("--gemm", default="auto", metavar="{auto," + ",".join(GEMM_BACKENDS) + "}",
+                   help="how fc1 + GELU runs (default auto: quack's epilogue GEMM on Hopper GPUs where "
+                        "quack-kernels is installed, cuBLAS elsewhere)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights used when no checkpoint is found")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the layers through torch.compile (default: on for CUDA devices, off "
@@ -218,6 +225,7 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> _Job:
     if args.model in ESM2_ARCHITECTURES:
         _resolve_layers(args.repr_layers, ESM2_ARCHITECTURES[args.model][0])
     backend = resolve_backend(args.attention, device, PRECISIONS[precision])  # BackendUnavailableError
+    resolve_gemm_backend(args.gemm, device, PRECISIONS[precision])  # the same, before any model loads
     out_path = os.path.abspath(args.output)
     if os.path.isdir(out_path):
         raise EsmflashError(f"output {args.output!r} is a directory")
@@ -229,7 +237,8 @@ def _load_model(args: argparse.Namespace, device: torch.device, precision: str) 
     with _as_user_error():
         try:
             model, _ = load_esm2_model(args.model, precision=precision, device=device,
-                                       attention=args.attention, seed=args.seed, compile=args.compile)
+                                       attention=args.attention, seed=args.seed, compile=args.compile,
+                                       gemm=args.gemm)
         except pickle.UnpicklingError as e:
             raise EsmflashError(f"{args.model}: not a fair-esm checkpoint ({e})") from e
     return model, _resolve_layers(args.repr_layers, model.num_layers)
@@ -276,7 +285,7 @@ def _embed_command(args: argparse.Namespace) -> int:
     print(
         f"esmflash: embedded {len(job.ids)} sequences, {total_tokens} tokens (BOS/EOS included) in {seconds:.2f} s "
         f"({total_tokens / max(seconds, 1e-9):,.0f} tokens/s); weights {model.weights_source}; "
-        f"attention {model.attention_backend}; wrote {args.output}",
+        f"attention {model.attention_backend}; gemm {model.gemm_backend}; wrote {args.output}",
         file=sys.stderr,
     )
     return 0

@@ -52,10 +52,11 @@ def split_per_sequence(x: torch.Tensor, batch: PackedBatch, residues_only: bool 
 
 
 def model_info(model: PackedESM2) -> dict[str, str]:
-    """What produced the embeddings: model name, weights source, precision, attention backend."""
+    """What produced the embeddings: model name, weights source, precision, attention and GEMM
+    backends, layer implementation."""
     return {"model": model.model_name, "weights_source": model.weights_source,
             "precision": model.precision, "attention_backend": model.attention_backend,
-            "forward_impl": model.forward_impl}
+            "gemm_backend": model.gemm_backend, "forward_impl": model.forward_impl}
 
 
 @torch.no_grad()

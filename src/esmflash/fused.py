@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .epilogue import linear_gelu
+
 # ----------------------------------------------------------------------------- fused QKV storage
 
 
@@ -165,13 +167,17 @@ def attention_output(
     fc1_bias: torch.Tensor,
     fc2_weight: torch.Tensor,
     fc2_bias: torch.Tensor,
+    gemm: str = "cublas",
 ) -> torch.Tensor:
     """The rest of the layer after attention: x [T, D] residual stream, o [T, H, Dh] attention
-    output -> x [T, D]. Exact (erf) GELU, as fair-esm."""
+    output -> x [T, D]. Exact (erf) GELU, as fair-esm. gemm: how fc1 + GELU runs, "cublas" (GELU
+    as a PyTorch op, fused with the bias by torch.compile) or "quack" (bias and GELU in the GEMM's
+    epilogue; see esmflash.epilogue). The residual adds stay PyTorch ops either way: compiled,
+    they fuse with the next LayerNorm, which then reads the unrounded fp32 sum."""
     t, d = x.shape
     x = x + F.linear(o.reshape(t, d), out_weight, out_bias)
     h = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
-    return x + F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    return x + F.linear(linear_gelu(h, fc1_weight, fc1_bias, gemm), fc2_weight, fc2_bias)
 
 
 def attention_output_and_next_inputs(
@@ -194,12 +200,13 @@ def attention_output_and_next_inputs(
     cos_h: torch.Tensor,
     sin_h: torch.Tensor,
     in_place: bool = False,
+    gemm: str = "cublas",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`attention_output` of one layer and `attention_inputs` of the next, across the layer
     boundary: x [T, D], o [T, H, Dh] -> x [T, D], q, k, v [T, H, Dh]. One compiled graph of this
     fuses the fc2 bias + residual add with the next LayerNorm (one pass over x instead of two)."""
     x = attention_output(x, o, out_weight, out_bias, ln_weight, ln_bias, eps,
-                         fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+                         fc1_weight, fc1_bias, fc2_weight, fc2_bias, gemm)
     q, k, v = attention_inputs(x, next_ln_weight, next_ln_bias, next_eps, next_qkv_weight, next_qkv_bias,
                                cos_h, sin_h, in_place)
     return x, q, k, v
@@ -223,18 +230,27 @@ def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
+def eager_layer_functions(gemm: str = "cublas") -> tuple[Callable, Callable, Callable]:
+    """(attention_inputs, attention_output, attention_output_and_next_inputs) of the eager path:
+    rotary in place, GEMM backend `gemm`."""
+    return (attention_inputs_eager, functools.partial(attention_output, gemm=gemm),
+            functools.partial(attention_output_and_next_inputs_eager, gemm=gemm))
+
+
 @functools.lru_cache(maxsize=None)
-def compiled_layer_functions(mode: str | None = None) -> tuple[Callable, Callable, Callable]:
+def compiled_layer_functions(mode: str | None = None, gemm: str = "cublas") -> tuple[Callable, Callable, Callable]:
     """(attention_inputs, attention_output, attention_output_and_next_inputs) compiled by
-    torch.compile (inductor), with the same signatures (without in_place). mode: torch.compile's
-    mode ("default", "max-autotune", ...); None compiles with COMPILE_OPTIONS instead. Compiled
+    torch.compile (inductor), with the same signatures (without in_place and gemm). mode:
+    torch.compile's mode ("default", "max-autotune", ...); None compiles with COMPILE_OPTIONS
+    instead. gemm: the GEMM backend of the output half (esmflash.epilogue). Compiled
     with dynamic=False and dim 0 (tokens) of every [T, ...] argument marked dynamic on each call:
     one graph each per model shape and dtype, reused by every layer and every batch size.
     Compilation happens on the first call, not here."""
     how = {"mode": mode} if mode is not None else {"options": dict(COMPILE_OPTIONS)}
     pre = torch.compile(attention_inputs, dynamic=False, fullgraph=True, **how)
-    post = torch.compile(attention_output, dynamic=False, fullgraph=True, **how)
-    boundary = torch.compile(attention_output_and_next_inputs, dynamic=False, fullgraph=True, **how)
+    post = torch.compile(functools.partial(attention_output, gemm=gemm), dynamic=False, fullgraph=True, **how)
+    boundary = torch.compile(functools.partial(attention_output_and_next_inputs, gemm=gemm),
+                             dynamic=False, fullgraph=True, **how)
 
     def compiled_attention_inputs(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, cos_h, sin_h):
         _mark_tokens_dynamic(x, cos_h, sin_h)

@@ -20,11 +20,10 @@ import esm
 from esm.model.esm2 import ESM2
 
 from .attention import resolve_backend, varlen_attention
+from .epilogue import resolve_gemm_backend
 from .fused import (
-    attention_inputs_eager,
-    attention_output,
-    attention_output_and_next_inputs_eager,
     compiled_layer_functions,
+    eager_layer_functions,
     fuse_parameters,
     is_view_of,
     rotary_half_tables,
@@ -50,7 +49,8 @@ MASK_RATIO_TRAIN = 0.15 * 0.8  # token dropout: fraction of tokens replaced by <
 class PackedESM2(ESM2):
     """fair-esm ESM2 plus `forward_packed`. Attributes set by `load_esm2_model`:
     model_name, weights_source ("checkpoint:<path>" or "random-init:seed=N"), precision,
-    attention_backend, forward_impl ("eager" or "compiled", see `set_compile`).
+    attention_backend, gemm_backend ("cublas" or "quack", see `set_gemm_backend`), forward_impl
+    ("eager" or "compiled", see `set_compile`).
 
     Each layer's q_proj/k_proj/v_proj weights [D, D] and biases [D] live back to back in one
     [3D, D] / [3D] tensor (`prepare_packed`), so `forward_packed` runs one QKV GEMM without
@@ -60,6 +60,7 @@ class PackedESM2(ESM2):
     weights_source: str = "unknown"
     precision: str = "fp32"
     attention_backend: str = "sdpa"
+    gemm_backend: str = "cublas"
     forward_impl: str = "eager"
     compile_mode: str | None = None
     _qkv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -76,6 +77,12 @@ class PackedESM2(ESM2):
         """Select the varlen attention backend ("auto" or one of attention.BACKENDS)."""
         self.attention_backend = resolve_backend(name, self.device, self.dtype)
         return self.attention_backend
+
+    def set_gemm_backend(self, name: str) -> str:
+        """Select how fc1 + GELU runs: "auto", "cublas" or "quack" (GELU in the GEMM's epilogue;
+        see esmflash.epilogue). Returns the backend chosen."""
+        self.gemm_backend = resolve_gemm_backend(name, self.device, self.dtype)
+        return self.gemm_backend
 
     def set_compile(self, enabled: bool | None = True, mode: str | None = None) -> str:
         """Select the layer implementation of `forward_packed` and return it (`forward_impl`):
@@ -185,9 +192,9 @@ class PackedESM2(ESM2):
     def _layer_functions(self) -> tuple[Callable, Callable, Callable]:
         """(attention_inputs, attention_output, attention_output_and_next_inputs) of `forward_impl`."""
         if self.forward_impl == "compiled":
-            return compiled_layer_functions(self.compile_mode)
+            return compiled_layer_functions(self.compile_mode, self.gemm_backend)
         if self.forward_impl == "eager":
-            return attention_inputs_eager, attention_output, attention_output_and_next_inputs_eager
+            return eager_layer_functions(self.gemm_backend)
         raise ValueError(f"forward_impl must be 'eager' or 'compiled', got {self.forward_impl!r}")
 
     def forward_packed(
@@ -300,6 +307,7 @@ def load_esm2_model(
     attention: str = "auto",
     seed: int = 0,
     compile: bool | None = None,
+    gemm: str = "auto",
 ) -> tuple[PackedESM2, esm.data.Alphabet]:
     """Load an ESM-2 model for packed inference: (model, alphabet), like fair-esm's loaders.
 
@@ -311,6 +319,8 @@ def load_esm2_model(
     precision: "fp32", "fp16" or "bf16". attention: "auto" or a backend (see esmflash.attention).
     compile: run the layers through torch.compile (`PackedESM2.set_compile`; `model.forward_impl`
     records the choice). None (default): compiled on CUDA, eager elsewhere; False forces eager.
+    gemm: "auto", "cublas" or "quack": how fc1 + GELU runs (`PackedESM2.set_gemm_backend`; auto
+    picks quack's epilogue GEMM on 9.x GPUs in fp16/bf16 where quack-kernels is installed).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
@@ -336,20 +346,24 @@ def load_esm2_model(
     model = model.to(dtype=PRECISIONS[precision]).eval().requires_grad_(False)  # .to() fuses q/k/v
     model.precision = precision
     model.set_attention_backend(attention)
+    model.set_gemm_backend(gemm)
     model.set_compile(compile)
     return model, model.alphabet
 
 
 def cast_model(
-    model: PackedESM2, precision: str, attention: str = "auto", *, compile: bool | None = None
+    model: PackedESM2, precision: str, attention: str = "auto", *, compile: bool | None = None,
+    gemm: str = "auto",
 ) -> PackedESM2:
     """A copy of `model` with the same weights in another precision (for fp32-reference checks).
-    compile: the copy's `set_compile` choice (None keeps the model's)."""
+    attention, gemm: the copy's backends ("auto" resolves for the new dtype). compile: the copy's
+    `set_compile` choice (None keeps the model's)."""
     import copy
 
     other = copy.deepcopy(model).to(dtype=PRECISIONS[precision])  # .to() re-fuses q/k/v
     other.precision = precision
     other.set_attention_backend(attention)
+    other.set_gemm_backend(gemm)
     if compile is not None:
         other.set_compile(compile, model.compile_mode if compile else None)
     return other
