@@ -196,16 +196,12 @@ def hopper_unavailable_reason(precision: str) -> str | None:
     """Why the "hopper" kernel set cannot run here at this precision, or None when it can."""
     if TIER != "gpu" or precision not in HALF_PRECISIONS:
         return f"the hopper kernel set runs fp16/bf16 on the GPU tier only ({TIER} tier, {precision})"
-    import torch
-
     from esmflash.attention import backend_unavailable_reason
     from esmflash.epilogue import gemm_unavailable_reason
     from esmflash.models import PRECISIONS as DTYPES
 
     attention, gemm = kernel_backends(precision, "hopper")
-    dev, dtype = device(), DTYPES[precision]
-    if dev.type != "cuda" or not torch.cuda.is_available():
-        return "no CUDA device"
+    dev, dtype = device(), DTYPES[precision]  # device() raises on a GPU tier without CUDA
     return backend_unavailable_reason(attention, dev, dtype) or gemm_unavailable_reason(gemm, dev, dtype)
 
 

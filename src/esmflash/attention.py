@@ -35,7 +35,8 @@ FLASH_KERNEL_MARKERS = {
 }
 
 
-def _has_module(name: str) -> bool:
+def has_module(name: str) -> bool:
+    """Whether `name` can be imported here (without importing it)."""
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
@@ -54,18 +55,18 @@ def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dty
         return f"{name} runs fp16/bf16 only (got {str(dtype).replace('torch.', '')}); use 'sdpa' for fp32"
     major, _ = torch.cuda.get_device_capability(device)
     if name == "torch_flash":
-        if not _has_module("torch.nn.attention.varlen"):
+        if not has_module("torch.nn.attention.varlen"):
             return "torch.nn.attention.varlen is missing (needs torch >= 2.10)"
         if major < 8:
             return "PyTorch's flash kernels need compute capability >= 8.0"
         return None
     if name == "flash_attn":
         # flash-attn-4 installs flash_attn/cute alone: the FA2 package is flash_attn_interface
-        if not _has_module("flash_attn.flash_attn_interface"):
+        if not has_module("flash_attn.flash_attn_interface"):
             return "flash-attn (FlashAttention-2) is not installed (pip install 'esmflash[flash]')"
         return None if major >= 8 else "flash-attn needs compute capability >= 8.0"
     if name == "fa4":
-        if not _has_module("flash_attn.cute"):
+        if not has_module("flash_attn.cute"):
             return "flash-attn-4 (flash_attn.cute) is not installed"
         return None if major >= 9 else "FlashAttention-4 needs compute capability >= 9.0"
     return None

@@ -25,27 +25,18 @@ autotuner, whose key includes T and would re-tune for every batch size.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
+from .attention import HALF_DTYPES, has_module
 from .errors import BackendUnavailableError
 
 GEMM_BACKENDS = ("cublas", "quack")
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # quack.gemm_config.GemmConfig fields of fc1 + GELU on compute capability 9.x (H100, H200): the
 # fastest of six tile configs for both the 650M and the 3B fc1 shapes on an H200
 # (tools/tune_epilogue.py, benchmarks/NOTES.md); it is also quack's own sm90 default.
 SM90_GELU_CONFIG: dict = dict(tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1)
-
-
-def _has_quack() -> bool:
-    try:
-        return importlib.util.find_spec("quack.gemm_interface") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def gemm_unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -61,7 +52,7 @@ def gemm_unavailable_reason(name: str, device: torch.device, dtype: torch.dtype)
     major, _ = torch.cuda.get_device_capability(device)
     if major != 9:
         return f"quack's epilogue GEMMs are tuned here for compute capability 9.x only (this GPU: {major}.x)"
-    if not _has_quack():
+    if not has_module("quack.gemm_interface"):
         return "quack-kernels is not installed (it comes with flash-attn-4: pip install 'esmflash[hopper]')"
     return None
 
