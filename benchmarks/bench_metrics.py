@@ -127,6 +127,28 @@ class HopperMetrics:
     track_max_rel_error_vs_fp32.unit = "relative"
 
 
+class LargeBatchMemory:
+    """Activation memory at one 32k-token batch (common.LARGE_BATCH_TOKENS, "mixed" lengths) of
+    the engine as users get it (bundled kernels, default micro-batch cap and CUDA graphs): the
+    most any of its first, capture and replay passes allocates above weights and batch, per
+    token (common.large_batch_activation_bytes). The issue's target: <= 12 KB for 650M fp16."""
+
+    params = (ALL_MODELS, common.HALF_PRECISIONS)
+    param_names = ["model", "precision"]
+    version = common.VERSION
+    timeout = 60
+
+    def setup(self, cache, model, precision):
+        self.row = _row(cache, ("large_batch", model, precision))
+
+    @skip_for_params(common.skip_list(ALL_MODELS, common.HALF_PRECISIONS,
+                                      keep=lambda m, p: common.runs_here(m, p) and common.TIER == "gpu"))
+    def track_activation_bytes_per_token(self, cache, model, precision):
+        return self.row["activation_bytes_per_token"]
+
+    track_activation_bytes_per_token.unit = "bytes/token"
+
+
 class StockBaseline:
     """Stock fair-esm ESM2.forward on BatchConverter batches (padded, length-sorted, at most the
     same token budget per batch, as extract.py), fp32 and `.half()`, same weights and sequences."""

@@ -72,6 +72,7 @@ TIER_SELECTION = {
         r"track_stock_tokens_per_second\('esm2_t(33_650M|36_3B)_UR50D'",
         r"ForwardPackedHopper\.time_forward_packed\('esm2_t(33_650M|36_3B)_UR50D', '(fp16|bf16)', 'mixed'",
         r"HopperMetrics\.track_",
+        r"LargeBatchMemory\.track_",
     ],
     "cpu": [r"\('esm2_t(6_8M|12_35M)_UR50D', 'fp32'"],
 }
@@ -251,6 +252,32 @@ def forward_packed(model, batches) -> list:
     return out
 
 
+# Tokens of the one batch whose activation memory `large_batch_activation_bytes` measures (the
+# issue's 32k-token memory target; the engine's default micro-batch cap splits it in two).
+LARGE_BATCH_TOKENS = 32768
+
+
+def large_batch_activation_bytes(model, passes: int = 3) -> float:
+    """The most that any of `passes` passes over one LARGE_BATCH_TOKENS-token "mixed" batch
+    allocates above what was allocated before it (weights, batch), per token of the batch, the
+    output included. Three passes cover the engine's first, CUDA-graph capture and replay of a
+    shape. CUDA only."""
+    import torch
+
+    from esmflash import pack_sequences
+
+    records = length_class_records("mixed", LARGE_BATCH_TOKENS)
+    batch = pack_sequences(records, model.alphabet, LARGE_BATCH_TOKENS)[0].to(model.device)
+    worst = 0
+    for _ in range(passes):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        forward_packed(model, [batch])
+        worst = max(worst, torch.cuda.max_memory_allocated() - before)
+    return worst / batch.num_tokens
+
+
 def forward_stock(model, token_batches) -> None:
     """The stock fair-esm padded forward over the same token set, device-synchronized."""
     from esmflash.baseline import stock_forward
@@ -310,6 +337,8 @@ def measure_forward_metrics() -> dict:
       attention_backend, gemm_backend, forward_impl, kernels  what ran (recorded in the cache,
                              not tracked; forward_impl is the engine's default: compiled on a GPU)
 
+    Key ("large_batch", model, precision), GPU half precisions: {"activation_bytes_per_token":
+    large_batch_activation_bytes of the bundled engine}.
     Rows of the "hopper" kernel set (KERNEL_SETS), where it can run: key ("hopper", model,
     precision, length class), the same fields plus speedup_over_bundled (the bundled row's seconds
     / these seconds, same process).
@@ -398,6 +427,9 @@ def measure_forward_metrics() -> dict:
                     if precision == "fp16" and kernels == "bundled":  # stock `.half()`: same weights, padded
                         tokens = sum(b.num_tokens for b in packed_batches(model, length))
                         out[("stock", name, "fp16", length)] = {"tokens_per_second": tokens / measure_stock(model, length)}
+                if kernels == "bundled":
+                    out[("large_batch", name, precision)] = {
+                        "activation_bytes_per_token": large_batch_activation_bytes(model)}
                 del model
             del ref, reference
             _MODELS.clear()

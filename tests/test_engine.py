@@ -31,8 +31,8 @@ from esmflash import (
 from esmflash.attention import varlen_attention
 from esmflash.embed import split_per_sequence
 from esmflash.epilogue import linear_gelu, resolve_gemm_backend
-from esmflash.models import find_checkpoint
-from esmflash.packing import build_batch, prepare_segments
+from esmflash.models import DEFAULT_MICRO_BATCH_TOKENS, find_checkpoint
+from esmflash.packing import build_batch, prepare_segments, split_batch
 from esmflash.perf import forward_flops, mfu_denominator
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
@@ -527,3 +527,46 @@ def test_mfu_denominator_off_gpu_is_measured():
     peak, source = mfu_denominator("cpu")  # no fixed reference for CPUs: measured now (fp32, 2048^3)
     assert source == "measured"
     assert peak > 1e8
+
+
+# ----------------------------------------------------------------------------- micro-batches, CUDA graphs
+
+
+def test_micro_batched_forward_matches_one_pass(model8):
+    rng = random.Random(21)
+    records = [(f"m{i}", random_protein(rng, rng.randint(1, 90))) for i in range(30)]
+    batch = pack_sequences(records, model8.alphabet, 4096)[0]
+    layers = [0, 3, model8.num_layers]
+    model = cast_model(model8, "fp32")
+    model.set_micro_batch_tokens(None)
+    whole = model.forward_packed(batch, repr_layers=layers, return_logits=True)
+    assert model.set_micro_batch_tokens(256) == 256
+    pieces = model.forward_packed(batch, repr_layers=layers, return_logits=True)
+    assert batch.num_tokens > 4 * 256  # at least five pieces
+    assert sorted(pieces["representations"]) == layers
+    for layer in layers:
+        torch.testing.assert_close(pieces["representations"][layer], whole["representations"][layer],
+                                   rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pieces["logits"], whole["logits"], rtol=1e-5, atol=1e-5)
+    assert model.set_micro_batch_tokens(0) is None
+    with pytest.raises(ValueError, match=">= 0"):
+        model.set_micro_batch_tokens(-1)
+
+
+def test_micro_batched_numerical_error_names_the_sequence_in_its_piece(model8):
+    poisoned = cast_model(model8, "fp32")
+    poisoned.embed_tokens.weight[poisoned.alphabet.get_idx("W")] = float("inf")
+    records = [(f"clean-{i}", "ACDEFGHIKLMNPQRSTVY" * 3) for i in range(12)] + [("late-poisoned", "MKTWAYIAKQR")]
+    batch = pack_sequences(records, poisoned.alphabet, 4096)[0]
+    poisoned.set_micro_batch_tokens(128)
+    assert "late-poisoned" not in split_batch(batch, 128)[0][1].ids  # it runs in a later piece
+    with pytest.raises(NumericalError, match="final layer norm.*'late-poisoned'$") as info:
+        poisoned.forward_packed(batch)
+    assert info.value.seq_ids == ["late-poisoned"]
+
+
+def test_cuda_graphs_and_micro_batch_defaults_on_cpu(model8):
+    assert model8.cuda_graphs is False  # default None: CUDA only
+    assert model8.micro_batch_tokens == DEFAULT_MICRO_BATCH_TOKENS == 16384
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
+        cast_model(model8, "fp32").set_cuda_graphs(True)

@@ -186,6 +186,66 @@ def test_activation_memory_per_token(reference):
     assert per_token <= 7 * model.embed_dim * 2 + 4 * model.embed_dim * 2  # 28 KB at D=1280
 
 
+@torch.no_grad()
+def test_cuda_graph_replay_matches_ungraphed(reference):
+    """A shape seen twice is captured; replays give the ungraphed pass's outputs bit for bit,
+    also for another batch of the same shape (the static inputs are refilled on every replay)."""
+    model = cast_model(reference, "fp16", "torch_flash", compile=True)
+    assert model.cuda_graphs
+    records = _records(4096, seed=11)
+    shift = str.maketrans("ACDEFGHIKLMNPQRSTVWY", "CDEFGHIKLMNPQRSTVWYA")
+    other = [(name, seq.translate(shift)) for name, seq in records]  # same lengths and masks, other residues
+    batch, batch2 = (pack_sequences(r, model.alphabet, 4096)[0].to("cuda") for r in (records, other))
+    layers = [0, 17, model.num_layers]
+    model.set_cuda_graphs(False)
+    plain = model.forward_packed(batch, repr_layers=layers, return_logits=True)
+    plain2 = model.forward_packed(batch2, repr_layers=layers, return_logits=True)
+    model.set_cuda_graphs(True)
+    cache = model._graph_cache
+    first = model.forward_packed(batch, repr_layers=layers, return_logits=True)  # first sighting
+    captured = model.forward_packed(batch, repr_layers=layers, return_logits=True)  # capture + replay
+    replayed2 = model.forward_packed(batch2, repr_layers=layers, return_logits=True)  # replay, new inputs
+    replayed = model.forward_packed(batch, repr_layers=layers, return_logits=True)
+    assert (cache.captures, cache.replays) == (1, 3)
+    for out, ref in ((first, plain), (captured, plain), (replayed, plain), (replayed2, plain2)):
+        assert sorted(out["representations"]) == layers
+        for layer in layers:
+            assert torch.equal(out["representations"][layer], ref["representations"][layer]), layer
+        assert torch.equal(out["logits"], ref["logits"])
+    assert not torch.equal(replayed2["logits"], replayed["logits"])  # not a stale buffer
+
+
+@torch.no_grad()
+def test_activation_memory_at_32k_tokens(reference):
+    """The issue's memory target: at a 32k-token batch the 650M fp16 pass peaks at <= 12 KB of
+    activations per token (allocations above weights and batch, output included), on the first
+    (ungraphed) pass, the capture and a replay. The default micro-batch cap (16384 tokens) runs the
+    batch as two pieces; the result matches the unsplit pass up to GEMM rounding."""
+    model = cast_model(reference, "fp16", "torch_flash", compile=True)
+    batch = pack_sequences(_records(32768, seed=3), model.alphabet, 32768)[0].to("cuda")
+    layer = model.num_layers
+    model.set_micro_batch_tokens(None)
+    unsplit = model.forward_packed(batch, repr_layers=[layer])["representations"][layer]
+    model.set_micro_batch_tokens(16384)
+    per_token = []
+    for _ in range(3):  # first sighting of each piece shape, capture, replay
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = model.forward_packed(batch, repr_layers=[layer])["representations"][layer]
+        torch.cuda.synchronize()
+        per_token.append((torch.cuda.max_memory_allocated() - before) / batch.num_tokens)
+        del out
+    out = model.forward_packed(batch, repr_layers=[layer])["representations"][layer]
+    max_rel, _ = relative_errors(out, unsplit)
+    print(f"\n{MODEL} fp16, {batch.num_tokens} tokens in pieces of <= 16384: activations "
+          f"{', '.join(f'{b / 1024:.1f}' for b in per_token)} KiB/token (first, capture, replay); "
+          f"max rel diff vs unsplit {max_rel:.1e}")
+    if model.embed_dim == 1280:
+        assert max(per_token) <= 12_000
+    assert max_rel < 2e-3
+
+
 def test_mfu_denominator_on_this_gpu():
     peak, source = mfu_denominator(torch.device("cuda"))
     print(f"\n{torch.cuda.get_device_name()}: MFU denominator {peak / 1e12:.1f} TFLOP/s ({source})")

@@ -24,7 +24,7 @@ from esmflash import (
     relative_errors,
 )
 from esmflash.embed import split_per_sequence
-from esmflash.packing import MAX_RESIDUES, build_batch, prepare_segments, tokenize
+from esmflash.packing import MAX_RESIDUES, build_batch, prepare_segments, split_batch, split_points, tokenize
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 ALPHABET = Alphabet.from_architecture("ESM-1b")
@@ -325,3 +325,57 @@ def test_embed_chunk_stitches_pieces_in_order(model8):
         assert relative_errors(rows[start : start + n], alone.per_token[layer][0])[0] <= 1e-5
     # the mean runs over all 700 residues of all chunks
     assert relative_errors(out.mean[layer][1], rows.mean(0))[0] <= 1e-5
+
+
+# ----------------------------------------------------------------------------- splitting a batch
+
+
+@pytest.mark.parametrize("lengths, max_tokens", [
+    ([10] * 10, 30),
+    ([5, 100, 7, 64, 64, 3, 90, 12, 40], 128),
+    ([1024, 1024, 3, 3, 1024], 1024),
+    ([17, 400, 33, 250, 251, 3, 300], 700),
+    ([3] * 50 + [900], 1000),
+])
+def test_split_points_fewest_balanced_pieces_within_the_cap(lengths, max_tokens):
+    cuts = split_points(lengths, max_tokens)
+    sizes = [sum(lengths[a:b]) for a, b in zip(cuts, cuts[1:])]
+    assert cuts[0] == 0 and cuts[-1] == len(lengths) and all(a < b for a, b in zip(cuts, cuts[1:]))
+    assert max(sizes) <= max_tokens and sum(sizes) == sum(lengths)
+    fewest = -(-sum(lengths) // max_tokens)
+    assert len(sizes) >= fewest
+    if len(sizes) == fewest:  # balanced: no piece further from the mean share than one sequence
+        assert max(sizes) - min(sizes) <= 2 * max(lengths)
+
+
+def test_split_points_refuses_a_sequence_over_the_cap():
+    with pytest.raises(ValueError, match="2000-token sequence"):
+        split_points([10, 2000, 10], 1024)
+
+
+def test_split_batch_pieces_are_whole_rebased_batches():
+    rng = random.Random(5)
+    records = [(f"p{i}", random_protein(rng, rng.randint(1, 120))) for i in range(40)]
+    batch = pack_sequences(records, ALPHABET, 4096)[0]
+    assert split_batch(batch, batch.num_tokens) == [(0, batch)]
+    pieces = split_batch(batch, 700)
+    assert -(-batch.num_tokens // 700) <= len(pieces) <= -(-batch.num_tokens // 700) + 1
+    start = 0
+    for offset, piece in pieces:
+        assert offset == start and 0 < piece.num_tokens <= 700
+        stop = start + piece.num_tokens
+        assert torch.equal(piece.input_ids, batch.input_ids[start:stop])
+        assert torch.equal(piece.positions, batch.positions[start:stop])
+        assert piece.cu_seqlens[0] == 0 and piece.cu_seqlens[-1] == piece.num_tokens
+        assert piece.cu_seqlens.dtype == torch.int32
+        assert piece.seq_index.min() == 0 and piece.seq_index.max() == piece.num_sequences - 1
+        assert piece.max_seqlen == max(piece.lengths)
+        start = stop
+    assert start == batch.num_tokens
+    assert [s for _, p in pieces for s in p.segments] == batch.segments
+
+
+def test_split_batch_names_a_sequence_over_the_cap():
+    batch = pack_sequences([("short", "ACD"), ("long-one", "A" * 900)], ALPHABET, 2048)[0]
+    with pytest.raises(TokenBudgetError, match="'long-one': needs 902 tokens.*max_tokens is 500"):
+        split_batch(batch, 500)

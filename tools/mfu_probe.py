@@ -1,11 +1,12 @@
 """MFU probe of PackedESM2.forward_packed on one CUDA GPU: eager vs compiled layer math.
 
 For each model/precision, forward_impl (eager, compiled) and token budget, on one packed batch of
-the "mixed" length class (log-normal residues, median 300, sigma 0.6, clipped to 30..1022, random
-standard amino acids; the benchmark suite's recipe with --seed), it prints: the first call's
+a length class of the suite (--length-class; default "mixed": log-normal residues, median 300,
+sigma 0.6, clipped to 30..1022, random standard amino acids; the suite's recipe with --seed), it prints: the first call's
 seconds (compile + warm-up), median ms per forward (CUDA events, after warm-up), tokens/s,
-achieved TFLOP/s and MFU against the fp16 8192^3 matmul rate (esmflash.perf.mfu_denominator), peak
-memory, graphs compiled by that config, and the max / mean relative error of last-layer
+achieved TFLOP/s and MFU against the fp16 8192^3 matmul rate (esmflash.perf.mfu_denominator), the
+first call's peak memory, a warm pass's activation bytes per token (its peak allocation above what
+was allocated before it, output included, as the suite counts it), graphs compiled by that config, and the max / mean relative error of last-layer
 representations against the fp32 model with the same weights (esmflash.numerics.relative_errors:
 max|a-b|/max|b|). Each config also prints one JSON line (lines starting with '{').
 --breakdown adds one profiled forward per config: CUDA kernel time per kernel family (attention,
@@ -17,6 +18,7 @@ left over (median wall time minus all kernel time: launch gaps, host work).
     python tools/mfu_probe.py --jsonl probe.jsonl    # also append the JSON lines to a file
     python tools/mfu_probe.py --breakdown --no-reference --budgets 16384   # where the time goes
     python tools/mfu_probe.py --impls compiled --gemms cublas,quack     # GEMM epilogue backends
+    python tools/mfu_probe.py --impls compiled --budgets 32768 --micro-batches 0,16384,8192  # pieces
 
 Weights: the real checkpoint when esmflash finds one on disk, else seeded random weights (the
 fp32 reference and the half model draw the same ones). A config that fails prints an "error"
@@ -81,16 +83,16 @@ def kernel_breakdown(kernels: list[tuple[str, float]], wall_ms: float) -> dict[s
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def mixed_records(total_tokens: int, seed: int) -> list[tuple[str, str]]:
-    """The suite's "mixed" length class (benchmarks/common.length_class_records) for a seed."""
+def class_records(length_class: str, total_tokens: int, seed: int) -> list[tuple[str, str]]:
+    """A length class of the suite (benchmarks/common.length_class_records) for a seed."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import common  # the suite's helper module: tables and seeded records only, no torch at import
 
-    return common.length_class_records("mixed", total_tokens, seed)
+    return common.length_class_records(length_class, total_tokens, seed)
 
 
-def mixed_batch(alphabet, budget: int, seed: int) -> PackedBatch:
-    batches = pack_sequences(mixed_records(budget, seed), alphabet, budget)
+def class_batch(alphabet, length_class: str, budget: int, seed: int) -> PackedBatch:
+    batches = pack_sequences(class_records(length_class, budget, seed), alphabet, budget)
     assert len(batches) == 1, "the records fill one budget"
     return batches[0]
 
@@ -135,8 +137,21 @@ def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, 
     out = forward()["representations"][layer]
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
+    first_peak = torch.cuda.max_memory_allocated()
+    errors = relative_errors(out, ref) if ref is not None else None
+    # Activation memory of a warm pass, as the suite counts it: its peak allocation above what was
+    # allocated before it (weights, batch), the [T, D] output included.
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    forward()
+    torch.cuda.synchronize()
+    activation_bytes = torch.cuda.max_memory_allocated() - before
     samples = time_device(forward, model.device, repeats=args.repeats, warmup=args.warmup)
     sec = median(samples)
+    # A replayed CUDA graph must give the first (ungraphed) call's output.
+    replay_diff = (forward()["representations"][layer] - out).abs().max().item()
+    del out
     flops = forward_flops(batch.lengths, layer, model.embed_dim)
     row = {
         "model": model.model_name,
@@ -145,7 +160,10 @@ def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, 
         "compile_mode": model.compile_mode,
         "attention": model.attention_backend,
         "gemm": model.gemm_backend,
+        "micro_batch_tokens": model.micro_batch_tokens,
+        "cuda_graphs": model.cuda_graphs,
         "budget": budget,
+        "length_class": args.length_class,
         "tokens": batch.num_tokens,
         "sequences": batch.num_sequences,
         "max_seqlen": batch.max_seqlen,
@@ -155,13 +173,14 @@ def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, 
         "tokens_per_s": round(batch.num_tokens / sec, 1),
         "tflops": round(flops / sec / 1e12, 2),
         "mfu_pct": round(100 * flops / sec / peak_flops, 2),
-        "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-        "activation_peak_mib": round((torch.cuda.max_memory_allocated() - base) / 2**20, 1),
+        "peak_mem_mib": round(first_peak / 2**20, 1),
+        "activation_peak_mib": round((first_peak - base) / 2**20, 1),
+        "activation_bytes_per_token": round(activation_bytes / batch.num_tokens, 1),
         "new_graphs": graph_count() - graphs_before,
+        "max_abs_diff_vs_first_call": replay_diff,
     }
-    if ref is not None:
-        max_rel, mean_rel = relative_errors(out, ref)
-        row["max_rel_err"], row["mean_rel_err"] = max_rel, mean_rel
+    if errors is not None:
+        row["max_rel_err"], row["mean_rel_err"] = errors
     if args.breakdown:
         row["kernel_ms"] = kernel_breakdown(profiled_cuda_kernels(forward, model.device), sec * 1e3)
     return row
@@ -172,8 +191,10 @@ def print_row(row: dict) -> None:
     print(
         f"{row['model']:>20s} {row['precision']:>4s} {row['forward_impl']:>8s} {row['gemm']:>6s} T={row['tokens']:>5d} "
         f"first {row['first_call_s']:7.2f}s  {row['median_ms']:8.2f} ms  {row['tokens_per_s'] / 1e3:7.1f}k tok/s  "
-        f"{row['tflops']:6.1f} TFLOP/s  MFU {row['mfu_pct']:5.1f}%  peak {row['peak_mem_mib'] / 1024:6.2f} GiB "
-        f"(+{row['activation_peak_mib'] / 1024:.2f})  graphs +{row['new_graphs']}  max rel err {err}",
+        f"{row['tflops']:6.1f} TFLOP/s  MFU {row['mfu_pct']:5.1f}%  first-call peak {row['peak_mem_mib'] / 1024:6.2f} GiB "
+        f"(+{row['activation_peak_mib'] / 1024:.2f})  activations {row['activation_bytes_per_token'] / 1024:.1f} KiB/token  "
+        f"micro-batch {row['micro_batch_tokens'] or 'off'}  cuda graphs {'on' if row['cuda_graphs'] else 'off'}  graphs +{row['new_graphs']}  max rel err {err}  "
+        f"vs first call {row['max_abs_diff_vs_first_call']:.1e}",
         flush=True,
     )
     if "kernel_ms" in row:
@@ -198,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", default="eager,compiled", help="comma-separated forward_impl values")
     parser.add_argument("--attention", default="auto", help="attention backend (auto: fastest available)")
     parser.add_argument("--gemms", default="cublas", help="comma-separated GEMM backends (cublas, quack)")
+    parser.add_argument("--length-class", default="mixed", help="the suite's length class of the batch "
+                        "(short, medium, long, xlong, mixed)")
+    parser.add_argument("--cuda-graphs", default="on", help="comma-separated: on, off (CUDA graph replay)")
+    parser.add_argument("--micro-batches", default=None,
+                        help="comma-separated micro_batch_tokens values (0: off; default: the engine's default)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled impl")
     parser.add_argument("--repeats", type=int, default=7, help="timed samples per config (>= 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first one")
@@ -233,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({source}); esmflash from {Path(esmflash.__file__).parent}", flush=True)
 
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")  # every ESM-2 model's alphabet
-    batches = {b: mixed_batch(alphabet, b, args.seed).to(device) for b in budgets}
+    batches = {b: class_batch(alphabet, args.length_class, b, args.seed).to(device) for b in budgets}
     for name, precisions in configs.items():
         refs: dict[int, torch.Tensor] = {}
         if not args.no_reference:
@@ -245,14 +271,20 @@ def main(argv: list[str] | None = None) -> int:
             model, _ = load_esm2_model(name, precision=precision, device=device, attention=args.attention, seed=args.seed)
             print(f"# {name} {precision}: loaded in {time.perf_counter() - t_load:.1f}s, weights "
                   f"{model.weights_source}, attention {model.attention_backend}", flush=True)
-            for impl, gemm, b in itertools.product(impls, args.gemms.split(","), budgets):
+            micro_batches = ([int(m) for m in args.micro_batches.split(",")] if args.micro_batches
+                             else [model.micro_batch_tokens])
+            for impl, gemm, graphs, micro, b in itertools.product(impls, args.gemms.split(","), args.cuda_graphs.split(","),
+                                                                  micro_batches, budgets):
                 try:
+                    model.set_cuda_graphs(graphs == "on")
                     model.set_compile(impl == "compiled", args.compile_mode)
                     model.set_gemm_backend(gemm)
+                    model.set_micro_batch_tokens(micro)
                     row = probe_one(model, batches[b], b, refs.get(b), args, peak)
                 except Exception as exc:  # report and go on: one broken config must not hide the rest
                     traceback.print_exc()
-                    row = {"model": name, "precision": precision, "forward_impl": impl, "gemm": gemm, "budget": b,
+                    row = {"model": name, "precision": precision, "forward_impl": impl, "gemm": gemm,
+                           "micro_batch_tokens": micro, "cuda_graphs": graphs == "on", "budget": b,
                            "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
                     print(f"{name} {precision} {impl} {gemm} budget {b}: FAILED {row['error']}", flush=True)
                     emit({**row, **env}, args)

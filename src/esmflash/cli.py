@@ -3,7 +3,8 @@
     esmflash embed IN.fasta -o OUT.npz [--model NAME|PATH] [--precision {fp32,fp16,bf16}]
         [--max-tokens N] [--device DEVICE] [--repr-layers L [L ...]] [--per-token]
         [--long-policy {error,truncate,chunk}] [--attention {auto,fa4,flash_attn,torch_flash,sdpa}]
-        [--gemm {auto,cublas,quack}] [--seed N] [--compile | --no-compile] [--no-progress]
+        [--gemm {auto,cublas,quack}] [--seed N] [--compile | --no-compile]
+        [--cuda-graphs | --no-cuda-graphs] [--micro-batch-tokens N] [--no-progress]
         [--resumable] [--restart]
     torchrun --nproc-per-node N -m esmflash embed IN.fasta -o OUT.npz ...
 
@@ -17,7 +18,9 @@ most 1022 residues and stitches them back), --attention auto, --gemm auto (fc1 +
 quack's epilogue GEMM on Hopper GPUs where quack-kernels is installed, cuBLAS elsewhere), --seed 0 (used only for seeded
 random weights when no checkpoint is on disk), torch.compile'd layer halves on CUDA devices
 (the first batch pays seconds of compilation; --no-compile runs eager layers) and eager layers
-elsewhere (--compile forces compiled).
+elsewhere (--compile forces compiled), CUDA graph replay of repeated batch shapes on CUDA devices
+(--no-cuda-graphs: none), --micro-batch-tokens 16384 (a batch over it runs as pieces of whole
+sequences; 0: never split).
 
 Output: one .npz file (numpy.load), written at exactly the path given by -o:
 
@@ -30,7 +33,7 @@ Output: one .npz file (numpy.load), written at exactly the path given by -o:
                                            tokens_<layer>[offsets[i]:offsets[i+1]]
     meta            unicode 0-d            JSON: {model, weights_source, precision,
                                            attention_backend, gemm_backend, forward_impl,
-                                           esmflash_version,
+                                           cuda_graphs, micro_batch_tokens, esmflash_version,
                                            repr_layers, long_policy}; read with
                                            json.loads(str(f["meta"]))
 
@@ -85,7 +88,14 @@ from .distributed import Ranks, assign_units, env_rank, env_world_size, run_unit
 from .embed import Embeddings, embed_batches, model_info
 from .errors import EsmflashError, RankFailedError
 from .fasta import read_fasta
-from .models import ESM2_ARCHITECTURES, PRECISIONS, PackedESM2, find_checkpoint, load_esm2_model
+from .models import (
+    DEFAULT_MICRO_BATCH_TOKENS,
+    ESM2_ARCHITECTURES,
+    PRECISIONS,
+    PackedESM2,
+    find_checkpoint,
+    load_esm2_model,
+)
 from .packing import LONG_POLICIES, PackedBatch, pack_sequences
 from .workdir import WorkDir, WorkUnit, plan_units
 
@@ -123,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the layers through torch.compile (default: on for CUDA devices, off "
                         "elsewhere; the first batch pays seconds of compilation); --no-compile: eager")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay repeated batch shapes as CUDA graphs (default: on for CUDA devices)")
+    p.add_argument("--micro-batch-tokens", type=int, default=DEFAULT_MICRO_BATCH_TOKENS, metavar="N",
+                   help="the most tokens one pass runs: larger batches run as pieces of whole sequences, "
+                        f"bounding activation memory (default {DEFAULT_MICRO_BATCH_TOKENS}; 0: never split)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resumable", action="store_true",
                    help="commit work in shards under OUT.parts/ so a killed run resumes (always on under torchrun)")
@@ -222,14 +237,30 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> _Job:
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")  # the alphabet of every ESM-2 model
     with _as_user_error():
         batches = pack_sequences(records, alphabet, args.max_tokens, args.long_policy)
+    _check_micro_batch(args.micro_batch_tokens, batches)
     if args.model in ESM2_ARCHITECTURES:
         _resolve_layers(args.repr_layers, ESM2_ARCHITECTURES[args.model][0])
     backend = resolve_backend(args.attention, device, PRECISIONS[precision])  # BackendUnavailableError
     resolve_gemm_backend(args.gemm, device, PRECISIONS[precision])  # the same, before any model loads
+    if args.cuda_graphs and device.type != "cuda":
+        raise EsmflashError(f"--cuda-graphs needs a CUDA device (got {device})")
     out_path = os.path.abspath(args.output)
     if os.path.isdir(out_path):
         raise EsmflashError(f"output {args.output!r} is a directory")
     return _Job(records, ids, batches, precision, backend, out_path)
+
+
+def _check_micro_batch(tokens: int, batches: list) -> None:
+    """--micro-batch-tokens must hold every sequence whole (checked before any model loads)."""
+    if tokens < 0:
+        raise EsmflashError(f"--micro-batch-tokens must be >= 0 (0: never split), got {tokens}")
+    if tokens == 0:
+        return
+    for batch in batches:
+        for segment, n in zip(batch.segments, batch.lengths):
+            if n > tokens:
+                raise EsmflashError(f"sequence {segment.id!r}: needs {n} tokens (residues + BOS/EOS) but "
+                                    f"--micro-batch-tokens is {tokens}; raise it to at least {n} or pass 0")
 
 
 def _load_model(args: argparse.Namespace, device: torch.device, precision: str) -> tuple[PackedESM2, list[int]]:
@@ -238,7 +269,8 @@ def _load_model(args: argparse.Namespace, device: torch.device, precision: str) 
         try:
             model, _ = load_esm2_model(args.model, precision=precision, device=device,
                                        attention=args.attention, seed=args.seed, compile=args.compile,
-                                       gemm=args.gemm)
+                                       gemm=args.gemm, cuda_graphs=args.cuda_graphs,
+                                       micro_batch_tokens=args.micro_batch_tokens)
         except pickle.UnpicklingError as e:
             raise EsmflashError(f"{args.model}: not a fair-esm checkpoint ({e})") from e
     return model, _resolve_layers(args.repr_layers, model.num_layers)

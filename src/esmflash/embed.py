@@ -51,12 +51,13 @@ def split_per_sequence(x: torch.Tensor, batch: PackedBatch, residues_only: bool 
     return [t[1:-1] for t in out] if residues_only else out
 
 
-def model_info(model: PackedESM2) -> dict[str, str]:
+def model_info(model: PackedESM2) -> dict[str, str | bool | int | None]:
     """What produced the embeddings: model name, weights source, precision, attention and GEMM
-    backends, layer implementation."""
+    backends, layer implementation, CUDA graphs on/off and the micro-batch cap."""
     return {"model": model.model_name, "weights_source": model.weights_source,
             "precision": model.precision, "attention_backend": model.attention_backend,
-            "gemm_backend": model.gemm_backend, "forward_impl": model.forward_impl}
+            "gemm_backend": model.gemm_backend, "forward_impl": model.forward_impl,
+            "cuda_graphs": model.cuda_graphs, "micro_batch_tokens": model.micro_batch_tokens}
 
 
 @torch.no_grad()

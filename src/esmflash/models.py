@@ -21,6 +21,7 @@ from esm.model.esm2 import ESM2
 
 from .attention import resolve_backend, varlen_attention
 from .epilogue import resolve_gemm_backend
+from .graphs import GraphCache
 from .fused import (
     compiled_layer_functions,
     eager_layer_functions,
@@ -29,7 +30,7 @@ from .fused import (
     rotary_half_tables,
 )
 from .numerics import check_finite
-from .packing import PackedBatch
+from .packing import PackedBatch, split_batch
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,19 @@ ESM2_ARCHITECTURES: dict[str, tuple[int, int, int]] = {
 }
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MASK_RATIO_TRAIN = 0.15 * 0.8  # token dropout: fraction of tokens replaced by <mask> in training
+# The most tokens one pass runs by default (`PackedESM2.set_micro_batch_tokens`): larger batches run
+# as pieces, so a 32k-token batch of the 650M model peaks at ~10 KiB of activations per token
+# instead of ~20, for ~2% of its speed on an H200 (benchmarks/NOTES.md).
+DEFAULT_MICRO_BATCH_TOKENS = 16384
 
 
 class PackedESM2(ESM2):
     """fair-esm ESM2 plus `forward_packed`. Attributes set by `load_esm2_model`:
     model_name, weights_source ("checkpoint:<path>" or "random-init:seed=N"), precision,
     attention_backend, gemm_backend ("cublas" or "quack", see `set_gemm_backend`), forward_impl
-    ("eager" or "compiled", see `set_compile`).
+    ("eager" or "compiled", see `set_compile`), micro_batch_tokens (the most tokens one pass
+    runs, see `set_micro_batch_tokens`), cuda_graphs (replay repeated batch shapes as CUDA graphs,
+    see `set_cuda_graphs`).
 
     Each layer's q_proj/k_proj/v_proj weights [D, D] and biases [D] live back to back in one
     [3D, D] / [3D] tensor (`prepare_packed`), so `forward_packed` runs one QKV GEMM without
@@ -63,6 +70,9 @@ class PackedESM2(ESM2):
     gemm_backend: str = "cublas"
     forward_impl: str = "eager"
     compile_mode: str | None = None
+    micro_batch_tokens: int | None = None
+    cuda_graphs: bool = False
+    _graph_cache: GraphCache | None = None
     _qkv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
@@ -99,6 +109,30 @@ class PackedESM2(ESM2):
         self.compile_mode = mode if enabled else None
         return self.forward_impl
 
+    def set_micro_batch_tokens(self, tokens: int | None) -> int | None:
+        """Cap the tokens of one pass: `forward_packed` runs a larger batch as pieces of whole
+        sequences of at most `tokens` tokens each (None or 0: never split). Returns the cap."""
+        if tokens is not None and tokens < 0:
+            raise ValueError(f"micro_batch_tokens must be >= 0 or None, got {tokens}")
+        self.micro_batch_tokens = tokens or None
+        return self.micro_batch_tokens
+
+    def set_cuda_graphs(self, enabled: bool | None = True, max_graphs: int = 8) -> bool:
+        """Replay `forward_packed` as CUDA graphs (esmflash.graphs): a batch shape seen a second
+        time is captured, later ones replay (host launch cost ~0 instead of ~1 ms per layer). At most
+        `max_graphs` shapes are kept; each keeps its outputs' memory ([T, D] per requested layer) in
+        the model's graph pool. enabled=None: on for CUDA models. Returns the setting.
+        Graphs read the weights where they were at capture: in-place edits and load_state_dict
+        are seen, .to()/.half() clear the graphs; after replacing a Parameter object by another
+        (other than q/k/v, which are checked), call set_cuda_graphs again."""
+        if enabled is None:
+            enabled = self.device.type == "cuda"
+        if enabled and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA model (this one is on {self.device})")
+        self.cuda_graphs = bool(enabled)
+        self._graph_cache = GraphCache(max_graphs) if enabled else None
+        return self.cuda_graphs
+
     # ------------------------------------------------------------------------- fused QKV weights
 
     @staticmethod
@@ -120,6 +154,12 @@ class PackedESM2(ESM2):
             weights, biases = self._qkv_params(layer)
             cache.append((fuse_parameters(weights), fuse_parameters(biases)))
         self._qkv_cache = cache
+        self._qkv_version = getattr(self, "_qkv_version", 0) + 1
+
+    def _fused_qkv_version(self) -> int:
+        """A number that changes whenever `_fused_qkv` lays q/k/v out anew (new addresses)."""
+        self._fused_qkv()
+        return self._qkv_version
 
     def _fused_qkv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (qkv weight [3D, D], qkv bias [3D]), checked to still back the parameters.
@@ -143,6 +183,10 @@ class PackedESM2(ESM2):
         result = super()._apply(fn, recurse)
         if "layers" in self._modules:
             self.prepare_packed()
+        if self._graph_cache is not None:
+            self._graph_cache.clear()  # graphs hold the old weights' addresses
+            if self.device.type != "cuda":
+                self.cuda_graphs, self._graph_cache = False, None
         return result
 
     def __getstate__(self):
@@ -150,6 +194,8 @@ class PackedESM2(ESM2):
         # the q/k/v memory next to the copied parameters.
         state = dict(super().__getstate__())  # a copy: never edit the live __dict__
         state.pop("_qkv_cache", None)
+        if state.get("_graph_cache") is not None:  # graphs cannot be copied; the copy captures its own
+            state["_graph_cache"] = GraphCache(state["_graph_cache"].max_graphs)
         return state
 
     # ------------------------------------------------------------------------- packed forward
@@ -210,11 +256,69 @@ class PackedESM2(ESM2):
         packed layout, with fair-esm's layer numbering (0 = embeddings after token dropout,
         num_layers = after the final LayerNorm). Output is always checked for NaN/Inf
         (NumericalError); check_layers=True checks after every layer too. `forward_impl` picks
-        eager or compiled layer math; both give the same results up to rounding."""
+        eager or compiled layer math; both give the same results up to rounding.
+
+        A batch over `micro_batch_tokens` runs as consecutive pieces of whole sequences
+        (packing.split_batch) whose outputs are written into [T, ...] buffers: activation memory
+        is then one piece's, whatever T (sequences never interact, so the result is the same up
+        to GEMM rounding)."""
         repr_layers = set(repr_layers)
         bad = [r for r in repr_layers if not 0 <= r <= self.num_layers]
         if bad:
             raise ValueError(f"repr_layers {bad} out of range 0..{self.num_layers}")
+        limit = self.micro_batch_tokens
+        if limit is None or batch.num_tokens <= limit:
+            return self._forward_piece(batch, repr_layers, return_logits, check_layers)
+        outputs: dict[str, dict | torch.Tensor] = {"representations": {}}
+        t = batch.num_tokens
+        for start, piece in split_batch(batch, limit):
+            # A replayed piece's outputs are copied out right here, so the graph's own are enough.
+            result = self._forward_piece(piece, repr_layers, return_logits, check_layers, clone=False)
+            stop = start + piece.num_tokens
+            for layer, rep in result["representations"].items():
+                reps = outputs["representations"]
+                if layer not in reps:
+                    reps[layer] = rep.new_empty((t, rep.shape[1]))
+                reps[layer][start:stop].copy_(rep)
+            if return_logits:
+                if "logits" not in outputs:
+                    outputs["logits"] = result["logits"].new_empty((t, result["logits"].shape[1]))
+                outputs["logits"][start:stop].copy_(result["logits"])
+            del result  # the piece's activations are free before the next piece runs
+        return outputs
+
+    def _forward_piece(self, batch: PackedBatch, repr_layers: set[int], return_logits: bool,
+                       check_layers: bool, clone: bool = True) -> dict:
+        """`forward_packed` of one batch in one pass (no splitting), through a CUDA graph where
+        `cuda_graphs` is on (not with check_layers, whose per-layer checks sync with the host).
+        clone=False: a replay returns the graph's own output tensors (GraphCache.run)."""
+        cache = self._graph_cache
+        if cache is None or check_layers or torch.is_grad_enabled() or batch.device.type != "cuda":
+            return self._forward_layers(batch, repr_layers, return_logits, check_layers)
+        key = (batch.num_tokens, batch.num_sequences, batch.max_seqlen, tuple(sorted(repr_layers)), return_logits,
+               self.dtype, self.forward_impl, self.compile_mode, self.attention_backend, self.gemm_backend,
+               self._fused_qkv_version())  # q/k/v re-fused: new weights, new graphs
+        wanted = repr_layers | {self.num_layers}  # the final output, for the check after replay
+        result = cache.run(key, batch, lambda b: self._forward_layers(b, wanted, return_logits, False, False), clone)
+        result = {**result, "representations": dict(result["representations"])}  # never edit the graph's dict
+        reps = result["representations"]
+        self._check_output(result, reps[self.num_layers], batch)
+        if self.num_layers not in repr_layers:
+            del reps[self.num_layers]
+        return result
+
+    @staticmethod
+    def _check_output(result: dict, final: torch.Tensor, batch: PackedBatch) -> None:
+        """NaN/Inf check of a pass's output: the logits if asked for, else the final LayerNorm's."""
+        if "logits" in result:
+            check_finite(result["logits"], "lm_head (logits)", batch)
+        else:
+            check_finite(final, "final layer norm", batch)
+
+    def _forward_layers(self, batch: PackedBatch, repr_layers: set[int], return_logits: bool,
+                        check_layers: bool, check_output: bool = True) -> dict:
+        """The layers of one pass. check_output=False leaves out the final NaN/Inf check (a host
+        sync, which a CUDA graph capture cannot hold)."""
         pre, post, boundary = self._layer_functions()
         qkv = self._fused_qkv()
         x = self._embed_packed(batch)
@@ -244,9 +348,8 @@ class PackedESM2(ESM2):
         result: dict = {"representations": reps}
         if return_logits:
             result["logits"] = self.lm_head(x)
-            check_finite(result["logits"], "lm_head (logits)", batch)
-        else:
-            check_finite(x, "final layer norm", batch)
+        if check_output:
+            self._check_output(result, x, batch)
         return result
 
 
@@ -308,6 +411,8 @@ def load_esm2_model(
     seed: int = 0,
     compile: bool | None = None,
     gemm: str = "auto",
+    cuda_graphs: bool | None = None,
+    micro_batch_tokens: int | None = DEFAULT_MICRO_BATCH_TOKENS,
 ) -> tuple[PackedESM2, esm.data.Alphabet]:
     """Load an ESM-2 model for packed inference: (model, alphabet), like fair-esm's loaders.
 
@@ -321,6 +426,10 @@ def load_esm2_model(
     records the choice). None (default): compiled on CUDA, eager elsewhere; False forces eager.
     gemm: "auto", "cublas" or "quack": how fc1 + GELU runs (`PackedESM2.set_gemm_backend`; auto
     picks quack's epilogue GEMM on 9.x GPUs in fp16/bf16 where quack-kernels is installed).
+    cuda_graphs: replay repeated batch shapes as CUDA graphs (`PackedESM2.set_cuda_graphs`);
+    None (default): on for CUDA. micro_batch_tokens: the most tokens one pass runs; larger
+    batches run as pieces of whole sequences (`PackedESM2.set_micro_batch_tokens`; default
+    DEFAULT_MICRO_BATCH_TOKENS; None or 0: never).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
@@ -348,6 +457,8 @@ def load_esm2_model(
     model.set_attention_backend(attention)
     model.set_gemm_backend(gemm)
     model.set_compile(compile)
+    model.set_cuda_graphs(cuda_graphs)
+    model.set_micro_batch_tokens(micro_batch_tokens)
     return model, model.alphabet
 
 

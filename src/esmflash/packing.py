@@ -240,3 +240,60 @@ def pack_sequences(
         return []
     bins = _best_fit_decreasing([len(t) + 2 for _, t in segments], max_tokens)
     return [build_batch([segments[i] for i in b], alphabet) for b in bins]
+
+
+def split_points(lengths: Sequence[int], max_tokens: int) -> list[int]:
+    """Sequence indices [0, j1, ..., B] cutting a batch with per-sequence token counts `lengths`
+    into the fewest consecutive pieces of at most `max_tokens` tokens each, cut at the sequence
+    boundaries nearest to equal shares (pieces of near-equal size keep every piece's GEMMs
+    equally large). Raises ValueError if one sequence alone is over `max_tokens`."""
+    longest = max(lengths)
+    if longest > max_tokens:
+        raise ValueError(f"a {longest}-token sequence does not fit in pieces of {max_tokens} tokens")
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    total = offsets[-1]
+    pieces = -(-total // max_tokens)
+    while True:
+        cuts = [0]
+        for k in range(1, pieces):
+            target = k * total / pieces
+            j = bisect.bisect_left(offsets, target)
+            if j > 0 and target - offsets[j - 1] <= offsets[j] - target:
+                j -= 1
+            cuts.append(min(max(j, cuts[-1] + 1), len(lengths) - (pieces - k)))  # no empty piece
+        cuts.append(len(lengths))
+        if all(offsets[b] - offsets[a] <= max_tokens for a, b in zip(cuts, cuts[1:])):
+            return cuts
+        pieces += 1  # a cut nearest to its share left a piece over the limit: one more piece
+
+
+def split_batch(batch: PackedBatch, max_tokens: int) -> list[tuple[int, PackedBatch]]:
+    """`batch` as consecutive pieces of at most `max_tokens` tokens, whole sequences each
+    (`split_points`): [(first token's offset in batch, piece)]. A piece's input_ids and positions
+    are views of the batch's; cu_seqlens and seq_index are rebased to the piece (small new
+    tensors on the batch's device). The cuts come from host-side lengths: no device sync.
+    A batch that fits is returned whole: [(0, batch)]."""
+    if batch.num_tokens <= max_tokens:
+        return [(0, batch)]
+    lengths = batch.lengths
+    for segment, n in zip(batch.segments, lengths):
+        if n > max_tokens:
+            raise TokenBudgetError(segment.id, n, max_tokens)
+    cuts = split_points(lengths, max_tokens)
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    pieces = []
+    for s0, s1 in zip(cuts, cuts[1:]):
+        a, b = offsets[s0], offsets[s1]
+        pieces.append((a, PackedBatch(
+            input_ids=batch.input_ids[a:b],
+            cu_seqlens=batch.cu_seqlens[s0 : s1 + 1] - a,
+            positions=batch.positions[a:b],
+            seq_index=batch.seq_index[a:b] - s0,
+            max_seqlen=max(lengths[s0:s1]),
+            segments=batch.segments[s0:s1],
+        )))
+    return pieces
