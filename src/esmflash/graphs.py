@@ -13,7 +13,9 @@ backends, dtype) and to the addresses of the weights and of its static input buf
     without a graph, so a stream of never-repeating shapes costs nothing and every lazy
     initialisation (torch.compile, kernel JIT, cuBLAS workspaces) has happened before capture;
   - at most `max_graphs` shapes are kept (least recently used dropped);
-  - the cache is cleared whenever the weights move (`clear`; PackedESM2 calls it after .to()).
+  - the cache is cleared whenever the weights move (`clear`; PackedESM2 calls it after .to());
+  - a capture that fails (a kernel that cannot be captured) is logged, and the cache then runs
+    every pass without graphs.
 
 All graphs of a cache share one memory pool. That is safe because replays never overlap and every
 replay writes each temporary before reading it; outputs are cloned out of the pool after replay,
@@ -22,6 +24,7 @@ so a later replay of another graph cannot overwrite what a caller holds.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Hashable
@@ -30,6 +33,7 @@ import torch
 
 from .packing import PackedBatch
 
+log = logging.getLogger(__name__)
 Outputs = dict  # {"representations": {layer: [T, D]}, "logits": [T, V] (optional)}
 
 
@@ -64,6 +68,7 @@ class GraphCache:
         self._pool = None
         self.captures = 0  # graphs captured since creation (for tests and probes)
         self.replays = 0
+        self.failure: str | None = None  # why a capture failed; no capture is tried after one
 
     def __len__(self) -> int:
         return sum(e is not None for e in self._entries.values())
@@ -84,11 +89,18 @@ class GraphCache:
             return forward(batch)
         entry = self._entries[key]
         if entry is None:
-            entry = self._capture(batch, forward)
+            if self.failure is not None:
+                return forward(batch)
+            try:
+                entry = self._capture(batch, forward)
+            except Exception as exc:  # a kernel that cannot be captured: run without graphs from now on
+                self.failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                log.warning("CUDA graph capture failed (%s); running without CUDA graphs", self.failure)
+                self.clear()
+                return forward(batch)
             self._entries[key] = entry
-            self._entries.move_to_end(key)
-            self._evict()
         self._entries.move_to_end(key)
+        self._evict()
         for dst, src in ((entry.batch.input_ids, batch.input_ids), (entry.batch.cu_seqlens, batch.cu_seqlens),
                          (entry.batch.positions, batch.positions), (entry.batch.seq_index, batch.seq_index)):
             dst.copy_(src, non_blocking=True)

@@ -21,7 +21,6 @@ from esm.model.esm2 import ESM2
 
 from .attention import resolve_backend, varlen_attention
 from .epilogue import resolve_gemm_backend
-from .graphs import GraphCache
 from .fused import (
     compiled_layer_functions,
     eager_layer_functions,
@@ -29,6 +28,7 @@ from .fused import (
     is_view_of,
     rotary_half_tables,
 )
+from .graphs import GraphCache
 from .numerics import check_finite
 from .packing import PackedBatch, split_batch
 
@@ -46,8 +46,8 @@ ESM2_ARCHITECTURES: dict[str, tuple[int, int, int]] = {
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MASK_RATIO_TRAIN = 0.15 * 0.8  # token dropout: fraction of tokens replaced by <mask> in training
 # The most tokens one pass runs by default (`PackedESM2.set_micro_batch_tokens`): larger batches run
-# as pieces, so a 32k-token batch of the 650M model peaks at ~10 KiB of activations per token
-# instead of ~20, for ~2% of its speed on an H200 (benchmarks/NOTES.md).
+# as pieces, so a 32k-token batch of the 650M model peaks at ~10-11 KiB of activations per token
+# instead of ~20, for 2-3% of its speed (H200, fp16: 91.8 -> 94.2 ms; benchmarks/NOTES.md).
 DEFAULT_MICRO_BATCH_TOKENS = 16384
 
 
@@ -74,6 +74,7 @@ class PackedESM2(ESM2):
     cuda_graphs: bool = False
     _graph_cache: GraphCache | None = None
     _qkv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    _qkv_version: int = 0  # bumped whenever prepare_packed lays q/k/v out anew
 
     @property
     def device(self) -> torch.device:
@@ -154,7 +155,7 @@ class PackedESM2(ESM2):
             weights, biases = self._qkv_params(layer)
             cache.append((fuse_parameters(weights), fuse_parameters(biases)))
         self._qkv_cache = cache
-        self._qkv_version = getattr(self, "_qkv_version", 0) + 1
+        self._qkv_version += 1
 
     def _fused_qkv_version(self) -> int:
         """A number that changes whenever `_fused_qkv` lays q/k/v out anew (new addresses)."""
