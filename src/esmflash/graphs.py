@@ -104,17 +104,19 @@ class GraphCache:
         for dst, src in ((entry.batch.input_ids, batch.input_ids), (entry.batch.cu_seqlens, batch.cu_seqlens),
                          (entry.batch.positions, batch.positions), (entry.batch.seq_index, batch.seq_index)):
             dst.copy_(src, non_blocking=True)
-        entry.graph.replay()
+        with torch.cuda.device(entry.batch.device):
+            entry.graph.replay()
         self.replays += 1
         return _clone_outputs(entry.outputs) if clone else entry.outputs
 
     def _capture(self, batch: PackedBatch, forward: Callable[[PackedBatch], Outputs]) -> CapturedForward:
         static = _static_copy(batch)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = forward(static)
+        with torch.cuda.device(static.device):  # the batch's GPU, whichever is current
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                outputs = forward(static)
         self.captures += 1
         return CapturedForward(static, graph, outputs)
 
