@@ -257,24 +257,28 @@ def forward_packed(model, batches) -> list:
 LARGE_BATCH_TOKENS = 32768
 
 
+def cuda_allocation_peak(fn):
+    """(fn(), the peak of torch.cuda allocations while fn ran above what was allocated before
+    it, in bytes). fn must synchronize the device before it returns."""
+    import torch
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    return result, torch.cuda.max_memory_allocated() - before
+
+
 def large_batch_activation_bytes(model, passes: int = 3) -> float:
     """The most that any of `passes` passes over one LARGE_BATCH_TOKENS-token "mixed" batch
     allocates above what was allocated before it (weights, batch), per token of the batch, the
     output included. Three passes cover the engine's first, CUDA-graph capture and replay of a
     shape. CUDA only."""
-    import torch
-
     from esmflash import pack_sequences
 
     records = length_class_records("mixed", LARGE_BATCH_TOKENS)
     batch = pack_sequences(records, model.alphabet, LARGE_BATCH_TOKENS)[0].to(model.device)
-    worst = 0
-    for _ in range(passes):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        forward_packed(model, [batch])
-        worst = max(worst, torch.cuda.max_memory_allocated() - before)
+    worst = max(cuda_allocation_peak(lambda: forward_packed(model, [batch]))[1] for _ in range(passes))
     return worst / batch.num_tokens
 
 
@@ -368,16 +372,14 @@ def measure_forward_metrics() -> dict:
         batches = packed_batches(model, length)
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         inputs = sum(t.numel() * t.element_size() for b in batches for t in (b.input_ids, b.cu_seqlens, b.positions, b.seq_index))
-        if gpu:
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
         tokens = sum(b.num_tokens for b in batches)
-        reps = forward_packed(model, batches)
+        if gpu:
+            reps, activations = cuda_allocation_peak(lambda: forward_packed(model, batches))
+        else:
+            reps = forward_packed(model, batches)
         row = {"attention_backend": model.attention_backend, "gemm_backend": model.gemm_backend,
                "forward_impl": model.forward_impl}
         if gpu:
-            activations = torch.cuda.max_memory_allocated() - before
             row["gpu_peak_memory_bytes"] = float(params + inputs + activations)
             row["activation_bytes_per_token"] = activations / tokens
         seconds = median(time_device(lambda: forward_packed(model, batches), dev, samples, 0))

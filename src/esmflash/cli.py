@@ -96,7 +96,7 @@ from .models import (
     find_checkpoint,
     load_esm2_model,
 )
-from .packing import LONG_POLICIES, PackedBatch, pack_sequences
+from .packing import LONG_POLICIES, PackedBatch, check_fits, pack_sequences
 from .workdir import WorkDir, WorkUnit, plan_units
 
 DEFAULT_MODEL = "esm2_t33_650M_UR50D"
@@ -254,13 +254,8 @@ def _check_micro_batch(tokens: int, batches: list) -> None:
     """--micro-batch-tokens must hold every sequence whole (checked before any model loads)."""
     if tokens < 0:
         raise EsmflashError(f"--micro-batch-tokens must be >= 0 (0: never split), got {tokens}")
-    if tokens == 0:
-        return
-    for batch in batches:
-        for segment, n in zip(batch.segments, batch.lengths):
-            if n > tokens:
-                raise EsmflashError(f"sequence {segment.id!r}: needs {n} tokens (residues + BOS/EOS) but "
-                                    f"--micro-batch-tokens is {tokens}; raise it to at least {n} or pass 0")
+    for batch in batches if tokens else []:
+        check_fits(batch, tokens, "--micro-batch-tokens")
 
 
 def _load_model(args: argparse.Namespace, device: torch.device, precision: str) -> tuple[PackedESM2, list[int]]:

@@ -54,13 +54,14 @@ class DuplicateIdError(EsmflashError):
 
 
 class TokenBudgetError(EsmflashError):
-    """max_tokens is too small to hold one sequence with its BOS/EOS tokens."""
+    """A token limit (max_tokens, or the one named by `limit`) is too small to hold one sequence
+    with its BOS/EOS tokens."""
 
-    def __init__(self, seq_id: str, tokens: int, max_tokens: int):
+    def __init__(self, seq_id: str, tokens: int, max_tokens: int, limit: str = "max_tokens"):
         self.seq_id = seq_id
         super().__init__(
             f"sequence {seq_id!r}: needs {tokens} tokens (residues + BOS/EOS) but "
-            f"max_tokens is {max_tokens}; raise max_tokens to at least {tokens}"
+            f"{limit} is {max_tokens}; raise {limit} to at least {tokens}"
         )
 
 

@@ -270,14 +270,14 @@ class PackedESM2(ESM2):
         limit = self.micro_batch_tokens
         if limit is None or batch.num_tokens <= limit:
             return self._forward_piece(batch, repr_layers, return_logits, check_layers)
-        outputs: dict[str, dict | torch.Tensor] = {"representations": {}}
+        reps: dict[int, torch.Tensor] = {}
+        outputs: dict[str, dict | torch.Tensor] = {"representations": reps}
         t = batch.num_tokens
         for start, piece in split_batch(batch, limit):
             # A replayed piece's outputs are copied out right here, so the graph's own are enough.
             result = self._forward_piece(piece, repr_layers, return_logits, check_layers, clone=False)
             stop = start + piece.num_tokens
             for layer, rep in result["representations"].items():
-                reps = outputs["representations"]
                 if layer not in reps:
                     reps[layer] = rep.new_empty((t, rep.shape[1]))
                 reps[layer][start:stop].copy_(rep)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
@@ -250,9 +251,7 @@ def split_points(lengths: Sequence[int], max_tokens: int) -> list[int]:
     longest = max(lengths)
     if longest > max_tokens:
         raise ValueError(f"a {longest}-token sequence does not fit in pieces of {max_tokens} tokens")
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
+    offsets = list(itertools.accumulate(lengths, initial=0))
     total = offsets[-1]
     pieces = -(-total // max_tokens)
     while True:
@@ -269,6 +268,14 @@ def split_points(lengths: Sequence[int], max_tokens: int) -> list[int]:
         pieces += 1  # a cut nearest to its share left a piece over the limit: one more piece
 
 
+def check_fits(batch: PackedBatch, max_tokens: int, limit: str = "max_tokens") -> None:
+    """Raise TokenBudgetError naming the first sequence of `batch` over `max_tokens` tokens
+    (`limit`: how the caller's user knows that number)."""
+    for segment, n in zip(batch.segments, batch.lengths):
+        if n > max_tokens:
+            raise TokenBudgetError(segment.id, n, max_tokens, limit)
+
+
 def split_batch(batch: PackedBatch, max_tokens: int) -> list[tuple[int, PackedBatch]]:
     """`batch` as consecutive pieces of at most `max_tokens` tokens, whole sequences each
     (`split_points`): [(first token's offset in batch, piece)]. A piece's input_ids and positions
@@ -277,14 +284,10 @@ def split_batch(batch: PackedBatch, max_tokens: int) -> list[tuple[int, PackedBa
     A batch that fits is returned whole: [(0, batch)]."""
     if batch.num_tokens <= max_tokens:
         return [(0, batch)]
+    check_fits(batch, max_tokens)
     lengths = batch.lengths
-    for segment, n in zip(batch.segments, lengths):
-        if n > max_tokens:
-            raise TokenBudgetError(segment.id, n, max_tokens)
     cuts = split_points(lengths, max_tokens)
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
+    offsets = list(itertools.accumulate(lengths, initial=0))
     pieces = []
     for s0, s1 in zip(cuts, cuts[1:]):
         a, b = offsets[s0], offsets[s1]
