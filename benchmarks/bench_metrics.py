@@ -34,7 +34,7 @@ def _row(cache: dict, key: tuple) -> dict:
 class ForwardMetrics:
     params = GRID
     param_names = ["model", "precision", "length"]
-    version = common.VERSION
+    version = common.VERSION + ";metrics=" + common.METRICS_VERSION
     timeout = 60
 
     def setup(self, cache, model, precision, length):
@@ -90,7 +90,7 @@ class HopperMetrics:
 
     params = HOPPER_GRID
     param_names = ["model", "precision", "length"]
-    version = common.HOPPER_VERSION
+    version = common.HOPPER_VERSION + ";metrics=" + common.METRICS_VERSION
     timeout = 60
 
     def setup(self, cache, model, precision, length):
