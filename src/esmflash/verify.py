@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -14,14 +13,8 @@ from .packing import pack_sequences
 
 
 def profiled_cuda_kernels(fn: Callable[[], object], device: torch.device) -> list[tuple[str, float]]:
-    """(CUDA kernel name, device microseconds) of every kernel one call of fn() launches.
-
-    Sets TEARDOWN_CUPTI=1 in the process environment unless it is already set, so that Kineto
-    detaches CUPTI when this (and any later) profile ends: by default Kineto leaves CUPTI attached
-    for the rest of the process (pytorch/pytorch#144455), which slows every later forward pass."""
+    """(CUDA kernel name, device microseconds) of every kernel one call of fn() launches."""
     from torch.profiler import ProfilerActivity, profile
-
-    os.environ.setdefault("TEARDOWN_CUPTI", "1")
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
