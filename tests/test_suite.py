@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -181,6 +182,28 @@ def suite(tmp_path_factory):
     )
     out["publish"] = run_asv(config, env, tmp, "publish", "publish")
     return out
+
+
+def test_gpu_selection_groups_select_discovered_benchmarks():
+    """Every -b regex of the GPU tier selects a benchmark of results/benchmarks.json (discovered
+    with the GPU tier), the groups add up to TIER_SELECTION, and every bench_metrics benchmark the
+    tier selects is in the first group (one setup_cache process measures them all)."""
+    discovered = json.loads((REPO / "results" / "benchmarks.json").read_text())
+    discovered.pop("version")
+    names = [f"{name}({', '.join(combo)})" if info["params"] else name
+             for name, info in discovered.items()
+             for combo in (itertools.product(*info["params"]) if info["params"] else [()])]
+
+    def selected(regexes: list[str]) -> set[str]:
+        return {n for n in names if any(re.search(r, n) for r in regexes)}
+
+    groups = COMMON.SELECTION_GROUPS["gpu"]
+    assert [r for g in groups for r in g] == COMMON.TIER_SELECTION["gpu"]
+    for regex in COMMON.TIER_SELECTION["gpu"]:
+        assert selected([regex]), f"{regex!r} selects no discovered benchmark"
+    metrics = {n for n in selected(COMMON.TIER_SELECTION["gpu"]) if n.startswith("bench_metrics.")}
+    assert metrics and metrics <= selected(groups[0]), sorted(metrics - selected(groups[0]))[:3]
+    assert not any(n.startswith("bench_metrics.") for g in groups[1:] for n in selected(g))
 
 
 def test_asv_check_passes(suite):
