@@ -17,28 +17,28 @@ python3 -c "import asv, virtualenv" 2>/dev/null || python3 -m pip install -q "as
 machine=$(python3 tools/asv_machine.py)
 bench_common() { python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import common; $1"; }
 tier=$(bench_common 'print(common.TIER)')
-# asv -b arguments per group (benchmarks/common.py SELECTION_GROUPS): each group is its own asv
-# invocation, and asv saves a commit's results when an invocation ends, so a run cut short keeps
-# the groups that finished. ESMFLASH_BENCH_SELECT replaces the groups with one.
-if [ -n "${ESMFLASH_BENCH_SELECT:-}" ]; then ngroups=1; else
-    ngroups=$(bench_common 'print(len(common.SELECTION_GROUPS[common.TIER]))'); fi
+# asv -b arguments per group: ESMFLASH_BENCH_SELECT as the one group, else the tier's
+# benchmarks/common.py SELECTION_GROUPS. Each group is its own asv invocation, and asv saves a
+# commit's results when an invocation ends, so a run cut short keeps the groups that finished.
+bench_groups() { bench_common "import os
+select = os.environ.get('ESMFLASH_BENCH_SELECT')
+groups = [[select]] if select else common.SELECTION_GROUPS[common.TIER]
+$1"; }
+ngroups=$(bench_groups 'print(len(groups))')
 echo "esmflash bench: machine=$machine tier=$tier commit=$(git rev-parse --short HEAD) groups=$ngroups"
 start=$(date +%s)
 status=0
 if [ "${ESMFLASH_ASV_ENV:-virtualenv}" = same ]; then
     python3 -m pip install -q --no-deps --no-build-isolation -e .
+    commit=(--python=same --set-commit-hash "$(git rev-parse HEAD)")
+else
+    commit=("HEAD^!")
 fi
 for ((g = 0; g < ngroups; g++)); do
-    if [ -n "${ESMFLASH_BENCH_SELECT:-}" ]; then select=(-b "$ESMFLASH_BENCH_SELECT"); else
-        mapfile -t select < <(bench_common "
-for r in common.SELECTION_GROUPS[common.TIER][$g]: print('-b'); print(r)"); fi
+    mapfile -t select < <(bench_groups "for r in groups[$g]: print('-b'); print(r)")
     echo "esmflash bench: group $((g + 1))/$ngroups ($(( $(date +%s) - start )) s so far)"
-    if [ "${ESMFLASH_ASV_ENV:-virtualenv}" = same ]; then
-        python3 -m asv run --python=same --set-commit-hash "$(git rev-parse HEAD)" \
-            --machine "$machine" "${select[@]}" --record-samples --show-stderr "$@" || status=$?
-    else
-        python3 -m asv run "HEAD^!" --machine "$machine" "${select[@]}" --record-samples --show-stderr "$@" || status=$?
-    fi
+    python3 -m asv run "${commit[@]}" --machine "$machine" "${select[@]}" --record-samples --show-stderr "$@" \
+        || status=$?
 done
 echo "esmflash bench: suite took $(( $(date +%s) - start )) s (asv exit status $status)"
 python3 -m asv publish
