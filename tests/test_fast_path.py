@@ -21,7 +21,17 @@ from test_engine import (
 )
 
 from esmflash import cast_model, pack_sequences, relative_errors
-from esmflash.fused import attention_inputs, attention_inputs_eager, rotary_half_tables, rotate_qk, rotate_qk_
+import torch.nn.functional as F
+
+from esmflash.epilogue import interleave_rotary_rows
+from esmflash.fused import (
+    attention_inputs,
+    attention_inputs_eager,
+    rotary_half_tables,
+    rotary_inv_freq,
+    rotate_qk,
+    rotate_qk_,
+)
 
 # inductor's own compile step calls a deprecated torch.jit API
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -120,12 +130,54 @@ def test_eager_and_pure_attention_inputs_agree(model8):
     ln = layer.self_attn_layer_norm
     w, b = model8._fused_qkv()[1]
     x = torch.randn(50, model8.embed_dim, generator=torch.Generator().manual_seed(1))
-    cos_h, sin_h = rotary_half_tables(torch.arange(50), model8.embed_dim // model8.attention_heads)
-    args = (x, ln.weight, ln.bias, ln.eps, w, b, cos_h, sin_h)
+    args = (x, ln.weight, ln.bias, ln.eps, w, b, model8.head_dim, rotary_half_tables(torch.arange(50), model8.head_dim))
     for a, r in zip(attention_inputs_eager(*args), attention_inputs(*args)):
         assert a.shape == (50, model8.attention_heads, model8.embed_dim // model8.attention_heads)
         assert a.stride(-1) == 1
         assert relative_errors(a, r)[0] <= 1e-6
+
+
+def _deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """[..., Dh] in the pairs order [0, Dh/2, 1, Dh/2+1, ...] -> fair-esm's halves order."""
+    return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+def test_interleaved_qkv_rows_give_esm_rotary_and_attention(model8):
+    """The quack backend's layout (esmflash.epilogue): q/k rows interleaved per head, rotary on
+    adjacent pairs (the epilogue's math, here in fp32 torch) = ESM-2's rotate-half rotary on
+    fair-esm's layout, element for element after de-interleaving; attention scores and outputs
+    are the same without de-interleaving; v is not moved."""
+    layer = model8.layers[2]
+    ln = layer.self_attn_layer_norm
+    w, b = model8._fused_qkv()[2]
+    dh, d, heads = model8.head_dim, model8.embed_dim, model8.attention_heads
+    w_il, b_il = interleave_rotary_rows(w, dh, 2 * d), interleave_rotary_rows(b, dh, 2 * d)
+    assert w_il.is_contiguous() and torch.equal(w_il[2 * d :], w[2 * d :]) and torch.equal(b_il[2 * d :], b[2 * d :])
+    assert torch.equal(_deinterleave(w_il[: 2 * d].T.reshape(d, 2 * heads, dh)).reshape(d, 2 * d).T, w[: 2 * d])
+    positions = torch.cat([torch.arange(30), torch.arange(21)])
+    x = torch.randn(len(positions), d, generator=torch.Generator().manual_seed(3))
+    q, k, v = attention_inputs(x, ln.weight, ln.bias, ln.eps, w, b, dh, rotary_half_tables(positions, dh))
+    h = F.layer_norm(x, (d,), ln.weight, ln.bias, ln.eps)
+    y = F.linear(h, w_il, b_il).view(len(positions), 3, heads, dh)
+    angles = positions.float()[:, None] * rotary_inv_freq(dh)[None, :]  # [T, Dh/2]: pair j's angle
+    c, s = angles.cos()[:, None, None, :], angles.sin()[:, None, None, :]
+    x1, x2 = y[:, :2, :, 0::2], y[:, :2, :, 1::2]
+    rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)  # pairs stay adjacent
+    q_il, k_il = rotated[:, 0], rotated[:, 1]
+    for got, ref in ((_deinterleave(q_il), q), (_deinterleave(k_il), k), (y[:, 2], v)):
+        assert relative_errors(got, ref)[0] <= 1e-5
+    cu = torch.tensor([0, 30, 51])
+    for name, ours in (("esm", (q, k, v)), ("interleaved", (q_il, k_il, y[:, 2]))):
+        out = torch.cat([F.scaled_dot_product_attention(*(t[i:j].transpose(0, 1) for t in ours)).transpose(0, 1)
+                         for i, j in zip(cu[:-1], cu[1:])])
+        if name == "esm":
+            ref_out = out
+    assert relative_errors(out, ref_out)[0] <= 1e-5
+
+
+def test_interleave_rotary_rows_rejects_partial_heads():
+    with pytest.raises(ValueError, match="whole heads"):
+        interleave_rotary_rows(torch.zeros(96, 32), 32, 48)
 
 
 # ----------------------------------------------------------------------------- fused QKV storage

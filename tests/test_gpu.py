@@ -24,7 +24,8 @@ from esmflash import (
     verify_flashattention_active,
 )
 from esmflash.attention import backend_unavailable_reason
-from esmflash.epilogue import gemm_unavailable_reason
+from esmflash.epilogue import gemm_unavailable_reason, interleave_rotary_rows
+from esmflash.fused import attention_inputs, rotary_half_tables
 from esmflash.models import PRECISIONS
 from esmflash.perf import REFERENCE_MATMUL_PEAK_FLOPS, mfu_denominator
 
@@ -244,6 +245,45 @@ def test_activation_memory_at_32k_tokens(reference):
     if model.embed_dim == 1280:
         assert max(per_token) <= 12_000
     assert max_rel < 2e-3
+
+
+def _deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """[..., Dh] in the pairs order [0, Dh/2, 1, Dh/2+1, ...] -> fair-esm's halves order."""
+    return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_qkv_rotary_epilogue(reference, precision):
+    """quack's QKV GEMM with bias and rotary in its epilogue (gemm "quack") against the same
+    layer's cuBLAS + Triton rotary path, both against fp32: q and k (de-interleaved) and v no
+    less accurate, also at T = 3D (quack's row/column-vector ambiguity, run with one row more);
+    the interleaved copies follow an in-place edit of a q/k/v parameter at the same address."""
+    dtype = PRECISIONS[precision]
+    reason = gemm_unavailable_reason("quack", torch.device("cuda"), dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    model = cast_model(reference, precision, "torch_flash", gemm="quack")
+    i, d, dh = 3, model.embed_dim, model.head_dim
+    ln, ln32 = model.layers[i].self_attn_layer_norm, reference.layers[i].self_attn_layer_norm
+    (w, b), (w_il, b_il), (w32, b32) = model._fused_qkv()[i], model._qkv_weights()[i], reference._fused_qkv()[i]
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for t in (3000, 3 * d):
+        positions = torch.arange(t, device="cuda") % 1024
+        x = torch.randn(t, d, device="cuda", generator=g).to(dtype)
+        ref = attention_inputs(x.float(), ln32.weight, ln32.bias, ln32.eps, w32, b32, dh, rotary_half_tables(positions, dh))
+        cublas = attention_inputs(x, ln.weight, ln.bias, ln.eps, w, b, dh, rotary_half_tables(positions, dh))
+        quack = attention_inputs(x, ln.weight, ln.bias, ln.eps, w_il, b_il, dh, model._rotary_operands(positions), gemm="quack")
+        for name, c, q, r in zip("qkv", cublas, quack, ref):
+            q = q if name == "v" else _deinterleave(q)
+            err_c, err_q = relative_errors(c, r)[0], relative_errors(q, r)[0]
+            print(f"\n{MODEL} {precision} T={t} {name}: max rel err vs fp32 cublas {err_c:.3e}, quack {err_q:.3e}")
+            assert err_q <= 1.1 * err_c, (t, name)
+    address = w_il.data_ptr()
+    model.layers[i].self_attn.k_proj.weight.mul_(-1)
+    w_new, _ = model._qkv_weights()[i]
+    assert w_new.data_ptr() == address
+    assert torch.equal(w_new, interleave_rotary_rows(model._fused_qkv()[i][0], dh, 2 * d))
 
 
 def test_mfu_denominator_on_this_gpu():

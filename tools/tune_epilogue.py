@@ -1,10 +1,13 @@
-"""Time ESM-2's output-half GEMMs with their tails, cuBLAS + compiled Triton vs quack epilogues.
+"""Time ESM-2's GEMMs with their tails, cuBLAS + compiled Triton vs quack epilogues.
 
 For each model and precision, on T packed tokens of random activations and weights, per role:
 
   gelu      fc1:      gelu(h W1^T + b1)         h [T, D],  W1 [4D, D]
   out       out_proj: x + o Wo^T + bo           o [T, D],  Wo [D, D]
   fc2       fc2:      x + g W2^T + b2           g [T, 4D], W2 [D, 4D]
+  qkv       QKV:      rotary(h Wqkv^T + bqkv)   h [T, D],  Wqkv [3D, D], rotary on q and k at the
+                      positions of sequences of 300 tokens (cuBLAS: fused.rotate_qk compiled, as
+                      the forward runs it; quack: epilogue.qkv_rotary on interleaved weights)
 
 it prints the median ms (CUDA events), TFLOP/s of the GEMM, and the max |error| / max |ref|
 against the same math in fp32, for "cublas" (F.linear and the tail compiled together by
@@ -19,6 +22,7 @@ measurement; the last lines name the fastest config per role and precision.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -31,8 +35,14 @@ sys.path.insert(0, str(REPO / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from esmflash.epilogue import quack_config, quack_linear  # noqa: E402
-from esmflash.fused import COMPILE_OPTIONS  # noqa: E402
+from esmflash.epilogue import (  # noqa: E402
+    interleave_rotary_rows,
+    quack_config,
+    quack_linear,
+    quack_qkv_rotary,
+    rotary_turns_table,
+)
+from esmflash.fused import COMPILE_OPTIONS, rotary_half_tables, rotary_inv_freq, rotate_qk  # noqa: E402
 from esmflash.models import ESM2_ARCHITECTURES, PRECISIONS  # noqa: E402
 from esmflash.perf import median, time_device  # noqa: E402
 
@@ -55,35 +65,59 @@ def _residual(x, w, b, r):
     return r + F.linear(x, w, b)
 
 
+def _qkv_rope(x, w, b, cos_h, sin_h):
+    """The forward's QKV + rotary on cuBLAS: (rotated q/k [T, 2, H, Dh], v [T, H, Dh])."""
+    qkv = F.linear(x, w, b).view(x.shape[0], 3, -1, 2 * cos_h.shape[1])
+    return rotate_qk(qkv[:, :2], cos_h, sin_h), qkv[:, 2]
+
+
+def qkv_in_esm_order(out, head_dim: int) -> torch.Tensor:
+    """A qkv role output as [T, 3D] in fair-esm's order: the cuBLAS path's (qk, v) pair, or the
+    quack path's [T, 3D] with q/k interleaved per head."""
+    if isinstance(out, tuple):
+        qk, v = out
+        return torch.cat((qk.flatten(1), v.flatten(1)), dim=1)
+    t, n = out.shape
+    heads = out[:, : 2 * n // 3].unflatten(1, (-1, head_dim // 2, 2)).transpose(-1, -2).flatten(1)
+    return torch.cat((heads, out[:, 2 * n // 3 :]), dim=1)
+
+
 def role_inputs(role: str, t: int, d: int, dtype: torch.dtype, gen: torch.Generator) -> tuple:
     """Random operands of one role, scaled like a trained layer's (unit-variance activations,
     weights ~ 1/sqrt(fan_in))."""
-    k, n = {"gelu": (d, 4 * d), "out": (d, d), "fc2": (4 * d, d)}[role]
+    k, n = {"gelu": (d, 4 * d), "out": (d, d), "fc2": (4 * d, d), "qkv": (d, 3 * d)}[role]
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
 
     x, w, b = rand(t, k), rand(n, k, scale=k**-0.5), rand(n, scale=0.1)
+    if role == "qkv":  # positions of back-to-back sequences of 300 tokens
+        return x, w, b, torch.arange(t, device="cuda") % 300
     return (x, w, b) if role == "gelu" else (x, w, b, rand(t, n))
 
 
-def reference(role: str, args: tuple) -> torch.Tensor:
-    """The role's math in fp32 (no TF32)."""
+def reference(role: str, args: tuple, head_dim: int) -> torch.Tensor:
+    """The role's math in fp32 (no TF32); qkv as [T, 3D] in fair-esm's order."""
     fp32 = [a.float() for a in args]
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
+        if role == "qkv":
+            return qkv_in_esm_order(_qkv_rope(*fp32[:3], *rotary_half_tables(args[3], head_dim)), head_dim)
         return _gelu(*fp32) if role == "gelu" else _residual(*fp32)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-def measure(fn, args: tuple, ref: torch.Tensor, flops: float, repeats: int) -> dict:
+def measure(fn, args: tuple, ref: torch.Tensor, flops: float, repeats: int, canonical=None) -> dict:
+    """First-call seconds, median ms, TFLOP/s and max |error| / max |ref| of fn(*args) (its output
+    mapped by `canonical` to ref's layout first, where given)."""
     t0 = time.perf_counter()
     out = fn(*args)
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
     sec = median(time_device(lambda: fn(*args), torch.device("cuda"), repeats=repeats, warmup=3))
+    out = canonical(out) if canonical is not None else out
     err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
     return {"first_call_s": round(first_s, 2), "median_ms": round(sec * 1e3, 4),
             "tflops": round(flops / sec / 1e12, 1), "max_rel_err": err}
@@ -94,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="esm2_t33_650M_UR50D:fp16:16384,esm2_t36_3B_UR50D:bf16:8192",
                         help="comma-separated MODEL:PRECISION:TOKENS")
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated names of CANDIDATES")
-    parser.add_argument("--roles", default="gelu,out,fc2")
+    parser.add_argument("--roles", default="gelu,out,fc2,qkv")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--jsonl", default=None)
     args = parser.parse_args(argv)
@@ -102,31 +136,43 @@ def main(argv: list[str] | None = None) -> int:
         print("tune_epilogue: needs a CUDA GPU", file=sys.stderr)
         return 2
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda})", flush=True)
-    compiled = {"gelu": torch.compile(_gelu, dynamic=False, options=dict(COMPILE_OPTIONS)),
-                "residual": torch.compile(_residual, dynamic=False, options=dict(COMPILE_OPTIONS))}
+    compiled = {name: torch.compile(fn, dynamic=False, options=dict(COMPILE_OPTIONS))
+                for name, fn in (("gelu", _gelu), ("residual", _residual), ("qkv", _qkv_rope))}
     cublas_ms: dict[tuple, float] = {}  # (model, precision, role) -> ms
     best: dict[tuple, tuple[str, float]] = {}  # (model, precision, role) -> (quack config, ms)
     gen = torch.Generator(device="cuda").manual_seed(0)
     for item in args.configs.split(","):
         name, precision, tokens = item.split(":")
-        _, d, _ = ESM2_ARCHITECTURES[name]
-        t, dtype = int(tokens), PRECISIONS[precision]
+        _, d, heads = ESM2_ARCHITECTURES[name]
+        t, dtype, dh = int(tokens), PRECISIONS[precision], d // heads
         for role in args.roles.split(","):
             inputs = role_inputs(role, t, d, dtype, gen)
-            ref = reference(role, inputs)
+            ref = reference(role, inputs, dh)
             flops = 2.0 * t * inputs[1].shape[0] * inputs[1].shape[1]
-            kind = "gelu" if role == "gelu" else "residual"
-            act = "gelu_erf" if role == "gelu" else None
-            runs = [("cublas", compiled[kind])]
-            for cand in args.candidates.split(","):
-                cfg = quack_config(CANDIDATES[cand])
-                residual = None if role == "gelu" else 3
-                runs.append((f"quack:{cand}", lambda *a, cfg=cfg, residual=residual: quack_linear(
-                    a[0], a[1], a[2], a[residual] if residual else None, act, cfg)))
+            canonical = functools.partial(qkv_in_esm_order, head_dim=dh) if role == "qkv" else None
+            if role == "qkv":
+                x, w, b, positions = inputs
+                tables = rotary_half_tables(positions, dh)  # once per pass in the forward: not timed
+                w_il, b_il = interleave_rotary_rows(w, dh, 2 * d), interleave_rotary_rows(b, dh, 2 * d)
+                rope = (positions.float(), rotary_turns_table(rotary_inv_freq(dh), 2 * d, d).cuda())
+                runs = [("cublas", lambda x, w, b, _: compiled["qkv"](x, w, b, *tables))]
+                for cand in args.candidates.split(","):
+                    cfg = quack_config(CANDIDATES[cand])
+                    runs.append((f"quack:{cand}", lambda x, w, b, _, cfg=cfg: quack_qkv_rotary(
+                        x, w_il, b_il, *rope, cfg)))
+            else:
+                kind = "gelu" if role == "gelu" else "residual"
+                act = "gelu_erf" if role == "gelu" else None
+                runs = [("cublas", compiled[kind])]
+                for cand in args.candidates.split(","):
+                    cfg = quack_config(CANDIDATES[cand])
+                    residual = None if role == "gelu" else 3
+                    runs.append((f"quack:{cand}", lambda *a, cfg=cfg, residual=residual: quack_linear(
+                        a[0], a[1], a[2], a[residual] if residual else None, act, cfg)))
             for label, fn in runs:
                 row = {"model": name, "precision": precision, "tokens": t, "role": role, "impl": label}
                 try:
-                    row.update(measure(fn, inputs, ref, flops, args.repeats))
+                    row.update(measure(fn, inputs, ref, flops, args.repeats, canonical))
                 except Exception as exc:  # one config that does not build must not hide the rest
                     traceback.print_exc(limit=3)
                     row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]

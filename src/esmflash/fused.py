@@ -5,6 +5,7 @@ Shapes: T packed tokens, D model width, H heads, Dh = D / H head width, F = 4 D 
 One ESM-2 layer is split around the varlen attention call:
 
   attention_inputs   x [T, D] -> LayerNorm -> one QKV GEMM [T, 3, H, Dh] -> rotary on q, k -> q, k, v
+                     (gemm "quack": rotary inside the GEMM's epilogue, see esmflash.epilogue)
   attention_output   x [T, D], o [T, H, Dh] -> out_proj + residual -> LayerNorm -> fc1 -> GELU
                      -> fc2 + residual -> x [T, D]
 
@@ -16,6 +17,12 @@ Weights come in as arguments, so one compiled graph of each half serves every la
 (`compiled_layer_functions`): the token count T is the only dynamic dimension, and D, H, Dh stay
 static, so a model compiles once per dtype whatever the batch size. Rotary math is fp32 whatever
 the model dtype (cos/sin tables in fp32, one rounding back to the model dtype).
+
+The rotary operands `rotary` (a pair of fp32 tensors) depend on the GEMM backend:
+  "cublas"  (cos_h, sin_h) [T, Dh/2] (`rotary_half_tables`); QKV weights in fair-esm's order
+  "quack"   (positions [T], turns [3D]) (epilogue.rotary_turns_table); QKV weights with each
+            head's q/k rows interleaved (epilogue.interleave_rotary_rows), so q and k come out
+            of attention_inputs in that order too (attention does not depend on it)
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .epilogue import linear_gelu
+from .epilogue import linear_gelu, qkv_rotary
 
 # ----------------------------------------------------------------------------- fused QKV storage
 
@@ -82,13 +89,18 @@ def is_view_of(fused: torch.Tensor, parts: Sequence[torch.Tensor]) -> bool:
 # ----------------------------------------------------------------------------- rotary embedding
 
 
+def rotary_inv_freq(head_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """ESM-2's rotary frequencies 10000^(-2i/Dh), i < Dh/2: [Dh/2] fp32, computed as fair-esm
+    computes them (in fp32, whatever the model dtype)."""
+    exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    return 1.0 / (10000**exponent)
+
+
 def rotary_half_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, Dh/2] fp32 of the rotary angles position * 10000^(-2i/Dh), i < Dh/2, for
-    per-token positions [T]. ESM-2 rotates non-interleaved halves with the same angle, so half a
-    table is the whole information (fair-esm's full tables repeat it twice)."""
-    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (10000**exponent)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    """cos, sin [T, Dh/2] fp32 of the rotary angles position * inv_freq[i] (`rotary_inv_freq`)
+    for per-token positions [T]. ESM-2 rotates non-interleaved halves with the same angle, so half
+    a table is the whole information (fair-esm's full tables repeat it twice)."""
+    angles = positions.to(torch.float32)[:, None] * rotary_inv_freq(head_dim, positions.device)[None, :]
     return angles.cos(), angles.sin()
 
 
@@ -123,14 +135,6 @@ def rotate_qk_(qk: torch.Tensor, cos_h: torch.Tensor, sin_h: torch.Tensor) -> to
 # ----------------------------------------------------------------------------- layer halves
 
 
-def _qkv(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
-         qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """LayerNorm and the fused QKV projection: x [T, D] -> [T, 3, H, Dh]."""
-    t, d = x.shape
-    h = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
-    return F.linear(h, qkv_weight, qkv_bias).view(t, 3, -1, head_dim)
-
-
 def attention_inputs(
     x: torch.Tensor,
     ln_weight: torch.Tensor,
@@ -138,16 +142,24 @@ def attention_inputs(
     eps: float,
     qkv_weight: torch.Tensor,
     qkv_bias: torch.Tensor,
-    cos_h: torch.Tensor,
-    sin_h: torch.Tensor,
+    head_dim: int,
+    rotary: tuple[torch.Tensor, torch.Tensor],
     in_place: bool = False,
+    gemm: str = "cublas",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm, fused QKV projection ([3D, D] weight, [3D] bias) and rotary on q and k:
-    x [T, D] -> q, k, v [T, H, Dh] (strided views; last dim contiguous). Rotary out of place (the
+    x [T, D] -> q, k, v [T, H, Dh] (strided views of one [T, 3, H, Dh]; last dim contiguous).
+    rotary: the operands of `gemm` (module docstring). gemm "quack": projection, bias and rotary
+    in one GEMM (epilogue.qkv_rotary). gemm "cublas": rotary out of place after the GEMM (the
     form torch.compile fuses), or with in_place=True inside the QKV buffer (`rotate_qk_`: fewer
-    eager kernels and no fp32 copies; q, k, v are then views of one [T, 3, H, Dh])."""
-    qkv = _qkv(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, 2 * cos_h.shape[1])
-    qk = (rotate_qk_ if in_place else rotate_qk)(qkv[:, :2], cos_h, sin_h)
+    eager kernels and no fp32 copies)."""
+    t, d = x.shape
+    h = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
+    if gemm == "quack":
+        qkv = qkv_rotary(h, qkv_weight, qkv_bias, *rotary).view(t, 3, -1, head_dim)
+        return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    qkv = F.linear(h, qkv_weight, qkv_bias).view(t, 3, -1, head_dim)
+    qk = (rotate_qk_ if in_place else rotate_qk)(qkv[:, :2], *rotary)
     return qk[:, 0], qk[:, 1], qkv[:, 2]
 
 
@@ -197,8 +209,8 @@ def attention_output_and_next_inputs(
     next_eps: float,
     next_qkv_weight: torch.Tensor,
     next_qkv_bias: torch.Tensor,
-    cos_h: torch.Tensor,
-    sin_h: torch.Tensor,
+    head_dim: int,
+    rotary: tuple[torch.Tensor, torch.Tensor],
     in_place: bool = False,
     gemm: str = "cublas",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -208,7 +220,7 @@ def attention_output_and_next_inputs(
     x = attention_output(x, o, out_weight, out_bias, ln_weight, ln_bias, eps,
                          fc1_weight, fc1_bias, fc2_weight, fc2_bias, gemm)
     q, k, v = attention_inputs(x, next_ln_weight, next_ln_bias, next_eps, next_qkv_weight, next_qkv_bias,
-                               cos_h, sin_h, in_place)
+                               head_dim, rotary, in_place, gemm)
     return x, q, k, v
 
 
@@ -233,7 +245,7 @@ COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 def eager_layer_functions(gemm: str = "cublas") -> tuple[Callable, Callable, Callable]:
     """(attention_inputs, attention_output, attention_output_and_next_inputs) of the eager path:
     rotary in place, GEMM backend `gemm`."""
-    return (attention_inputs_eager, functools.partial(attention_output, gemm=gemm),
+    return (functools.partial(attention_inputs_eager, gemm=gemm), functools.partial(attention_output, gemm=gemm),
             functools.partial(attention_output_and_next_inputs_eager, gemm=gemm))
 
 
@@ -247,22 +259,25 @@ def compiled_layer_functions(mode: str | None = None, gemm: str = "cublas") -> t
     one graph each per model shape and dtype, reused by every layer and every batch size.
     Compilation happens on the first call, not here."""
     how = {"mode": mode} if mode is not None else {"options": dict(COMPILE_OPTIONS)}
-    pre = torch.compile(attention_inputs, dynamic=False, fullgraph=True, **how)
+    pre = torch.compile(functools.partial(attention_inputs, gemm=gemm), dynamic=False, fullgraph=True, **how)
     post = torch.compile(functools.partial(attention_output, gemm=gemm), dynamic=False, fullgraph=True, **how)
     boundary = torch.compile(functools.partial(attention_output_and_next_inputs, gemm=gemm),
                              dynamic=False, fullgraph=True, **how)
 
-    def compiled_attention_inputs(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, cos_h, sin_h):
-        _mark_tokens_dynamic(x, cos_h, sin_h)
-        return pre(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, cos_h, sin_h)
+    def per_token(rotary):  # the rotary operands with a token dim: (cos_h, sin_h), or (positions,)
+        return rotary[:1] if gemm == "quack" else rotary
+
+    def compiled_attention_inputs(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, head_dim, rotary):
+        _mark_tokens_dynamic(x, *per_token(rotary))
+        return pre(x, ln_weight, ln_bias, eps, qkv_weight, qkv_bias, head_dim, rotary)
 
     def compiled_attention_output(x, o, *weights):
         _mark_tokens_dynamic(x, o)
         return post(x, o, *weights)
 
-    def compiled_attention_output_and_next_inputs(x, o, *weights_and_tables):
-        *weights, cos_h, sin_h = weights_and_tables
-        _mark_tokens_dynamic(x, o, cos_h, sin_h)
-        return boundary(x, o, *weights, cos_h, sin_h)
+    def compiled_attention_output_and_next_inputs(x, o, *weights_and_rotary):
+        *weights, head_dim, rotary = weights_and_rotary
+        _mark_tokens_dynamic(x, o, *per_token(rotary))
+        return boundary(x, o, *weights, head_dim, rotary)
 
     return compiled_attention_inputs, compiled_attention_output, compiled_attention_output_and_next_inputs

@@ -20,13 +20,14 @@ import esm
 from esm.model.esm2 import ESM2
 
 from .attention import resolve_backend, varlen_attention
-from .epilogue import resolve_gemm_backend
+from .epilogue import gemm_unavailable_reason, interleave_rotary_rows, resolve_gemm_backend, rotary_turns_table
 from .fused import (
     compiled_layer_functions,
     eager_layer_functions,
     fuse_parameters,
     is_view_of,
     rotary_half_tables,
+    rotary_inv_freq,
 )
 from .graphs import GraphCache
 from .numerics import check_finite
@@ -61,7 +62,11 @@ class PackedESM2(ESM2):
 
     Each layer's q_proj/k_proj/v_proj weights [D, D] and biases [D] live back to back in one
     [3D, D] / [3D] tensor (`prepare_packed`), so `forward_packed` runs one QKV GEMM without
-    concatenating anything, while the stock `forward` and `state_dict` see the usual parameters."""
+    concatenating anything, while the stock `forward` and `state_dict` see the usual parameters.
+    With gemm_backend "quack" the model also holds a copy of each layer's QKV weight and bias with
+    q/k rows interleaved for the rotary epilogue (esmflash.epilogue; +25% of the weights),
+    refreshed whenever a q/k/v parameter is replaced or edited in place (not through `.data`:
+    call `prepare_packed` after such edits)."""
 
     model_name: str = "esm2"
     weights_source: str = "unknown"
@@ -75,6 +80,9 @@ class PackedESM2(ESM2):
     _graph_cache: GraphCache | None = None
     _qkv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     _qkv_version: int = 0  # bumped whenever prepare_packed lays q/k/v out anew
+    _rope_qkv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # quack: interleaved QKV copies
+    _rope_qkv_key: tuple | None = None  # (_qkv_version, q/k/v parameter versions) they were copied at
+    _rope_turns: torch.Tensor | None = None  # quack: the rotary epilogue's frequency table [3D]
 
     @property
     def device(self) -> torch.device:
@@ -84,15 +92,23 @@ class PackedESM2(ESM2):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.attention_heads
+
     def set_attention_backend(self, name: str) -> str:
         """Select the varlen attention backend ("auto" or one of attention.BACKENDS)."""
         self.attention_backend = resolve_backend(name, self.device, self.dtype)
         return self.attention_backend
 
     def set_gemm_backend(self, name: str) -> str:
-        """Select how fc1 + GELU runs: "auto", "cublas" or "quack" (GELU in the GEMM's epilogue;
-        see esmflash.epilogue). Returns the backend chosen."""
+        """Select how fc1 + GELU and the QKV projection + rotary run: "auto", "cublas" or "quack"
+        (GELU and rotary in the GEMMs' epilogues; see esmflash.epilogue). Returns the backend
+        chosen. "quack" lays out its interleaved QKV copies here, before any pass."""
         self.gemm_backend = resolve_gemm_backend(name, self.device, self.dtype)
+        self._rope_qkv = self._rope_qkv_key = self._rope_turns = None
+        if self.gemm_backend == "quack":
+            self._qkv_weights()
         return self.gemm_backend
 
     def set_compile(self, enabled: bool | None = True, mode: str | None = None) -> str:
@@ -158,9 +174,39 @@ class PackedESM2(ESM2):
         self._qkv_version += 1
 
     def _fused_qkv_version(self) -> int:
-        """A number that changes whenever `_fused_qkv` lays q/k/v out anew (new addresses)."""
-        self._fused_qkv()
+        """A number that changes whenever `_qkv_weights` lays q/k/v out anew (new addresses);
+        brings the quack backend's interleaved copies up to date first."""
+        self._qkv_weights()
         return self._qkv_version
+
+    def _qkv_params_versions(self) -> tuple:
+        return (self._qkv_version,) + tuple(
+            p._version for layer in self.layers for ps in self._qkv_params(layer) for p in ps)
+
+    def _qkv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (QKV weight [3D, D], bias [3D]) as `gemm_backend`'s QKV GEMM reads them: the
+        fused q/k/v (`_fused_qkv`) for cublas; for quack, copies with each head's q/k rows
+        interleaved (epilogue.interleave_rotary_rows), laid out anew when q/k/v are, and copied
+        again in place (same addresses, so captured CUDA graphs stay valid) when a q/k/v
+        parameter was edited in place since."""
+        fused = self._fused_qkv()
+        if self.gemm_backend != "quack":
+            return fused
+        key = self._qkv_params_versions()
+        if self._rope_qkv_key == key:
+            return self._rope_qkv
+        dh, rows = self.head_dim, 2 * self.embed_dim
+        with torch.no_grad():
+            if self._rope_qkv is None or self._rope_qkv_key[0] != key[0]:
+                self._rope_qkv = [(interleave_rotary_rows(w, dh, rows), interleave_rotary_rows(b, dh, rows))
+                                  for w, b in fused]
+                self._rope_turns = rotary_turns_table(rotary_inv_freq(dh), rows, self.embed_dim).to(self.device)
+            else:
+                for (w, b), (w_il, b_il) in zip(fused, self._rope_qkv):
+                    w_il.copy_(interleave_rotary_rows(w, dh, rows))
+                    b_il.copy_(interleave_rotary_rows(b, dh, rows))
+        self._rope_qkv_key = key
+        return self._rope_qkv
 
     def _fused_qkv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (qkv weight [3D, D], qkv bias [3D]), checked to still back the parameters.
@@ -184,6 +230,10 @@ class PackedESM2(ESM2):
         result = super()._apply(fn, recurse)
         if "layers" in self._modules:
             self.prepare_packed()
+            self._rope_qkv = self._rope_qkv_key = self._rope_turns = None
+            if self.gemm_backend == "quack":  # the copies again, or cuBLAS where quack cannot run now
+                self.set_gemm_backend("quack" if gemm_unavailable_reason("quack", self.device, self.dtype) is None
+                                      else "cublas")
         if self._graph_cache is not None:
             self._graph_cache.clear()  # graphs hold the old weights' addresses
             if self.device.type != "cuda":
@@ -194,7 +244,8 @@ class PackedESM2(ESM2):
         # The fused views are rebuilt on demand: pickling or deep-copying them would duplicate
         # the q/k/v memory next to the copied parameters.
         state = dict(super().__getstate__())  # a copy: never edit the live __dict__
-        state.pop("_qkv_cache", None)
+        for name in ("_qkv_cache", "_rope_qkv", "_rope_qkv_key", "_rope_turns"):  # copies: rebuilt on demand
+            state.pop(name, None)
         if state.get("_graph_cache") is not None:  # graphs cannot be copied; the copy captures its own
             state["_graph_cache"] = GraphCache(state["_graph_cache"].max_graphs)
         return state
@@ -205,8 +256,15 @@ class PackedESM2(ESM2):
         """cos, sin [T, head_dim] in fp32 for per-token positions [T] (inv_freq rebuilt in fp32, so
         a half-precision model does not inherit half-precision angles). Both halves of the last
         dim are equal; forward_packed uses the half tables (fused.rotary_half_tables)."""
-        cos, sin = rotary_half_tables(positions, self.embed_dim // self.attention_heads)
+        cos, sin = rotary_half_tables(positions, self.head_dim)
         return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+
+    def _rotary_operands(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary operands of `gemm_backend` for per-token positions [T] (fused module
+        docstring): quack (positions [T] fp32, turns table [3D]); cublas (cos_h, sin_h)."""
+        if self.gemm_backend == "quack":
+            return positions.to(torch.float32), self._rope_turns
+        return rotary_half_tables(positions, self.head_dim)
 
     def _embed_packed(self, batch: PackedBatch) -> torch.Tensor:
         tokens = batch.input_ids
@@ -321,21 +379,21 @@ class PackedESM2(ESM2):
         """The layers of one pass. check_output=False leaves out the final NaN/Inf check (a host
         sync, which a CUDA graph capture cannot hold)."""
         pre, post, boundary = self._layer_functions()
-        qkv = self._fused_qkv()
+        qkv = self._qkv_weights()
         x = self._embed_packed(batch)
         reps: dict[int, torch.Tensor] = {}
         if 0 in repr_layers:
             reps[0] = x
-        cos_h, sin_h = rotary_half_tables(batch.positions, self.embed_dim // self.attention_heads)
+        rotary = self._rotary_operands(batch.positions)
         layers = self.layers
-        q, k, v = pre(x, *self._input_weights(layers[0], qkv[0]), cos_h, sin_h)
+        q, k, v = pre(x, *self._input_weights(layers[0], qkv[0]), self.head_dim, rotary)
         for i, layer in enumerate(layers):
             o = varlen_attention(self.attention_backend, q, k, v, batch.cu_seqlens, batch.max_seqlen,
                                  layer.self_attn.scaling)
             del q, k, v  # the QKV buffers die here, before the MLP allocates
             if i + 1 < len(layers):
                 x, q, k, v = boundary(x, o, *self._output_weights(layer),
-                                      *self._input_weights(layers[i + 1], qkv[i + 1]), cos_h, sin_h)
+                                      *self._input_weights(layers[i + 1], qkv[i + 1]), self.head_dim, rotary)
             else:
                 x = post(x, o, *self._output_weights(layer))
             del o
