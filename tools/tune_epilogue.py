@@ -5,6 +5,8 @@ For each model and precision, on T packed tokens of random activations and weigh
   gelu      fc1:      gelu(h W1^T + b1)         h [T, D],  W1 [4D, D]
   out       out_proj: x + o Wo^T + bo           o [T, D],  Wo [D, D]
   fc2       fc2:      x + g W2^T + b2           g [T, 4D], W2 [D, 4D]
+  out_bias  out_proj: o Wo^T + bo            the GEMM alone, bias in its epilogue (cuBLAS:
+  fc2_bias  fc2:      g W2^T + b2             F.linear; the residual add stays in the next kernel)
   qkv       QKV:      rotary(h Wqkv^T + bqkv)   h [T, D],  Wqkv [3D, D], rotary on q and k at the
                       positions of sequences of 300 tokens (cuBLAS: fused.rotate_qk compiled, as
                       the forward runs it; quack: epilogue.qkv_rotary on interleaved weights)
@@ -85,7 +87,8 @@ def qkv_in_esm_order(out, head_dim: int) -> torch.Tensor:
 def role_inputs(role: str, t: int, d: int, dtype: torch.dtype, gen: torch.Generator) -> tuple:
     """Random operands of one role, scaled like a trained layer's (unit-variance activations,
     weights ~ 1/sqrt(fan_in))."""
-    k, n = {"gelu": (d, 4 * d), "out": (d, d), "fc2": (4 * d, d), "qkv": (d, 3 * d)}[role]
+    k, n = {"gelu": (d, 4 * d), "out": (d, d), "fc2": (4 * d, d), "qkv": (d, 3 * d), "out_bias": (d, d),
+            "fc2_bias": (4 * d, d)}[role]
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
@@ -93,7 +96,7 @@ def role_inputs(role: str, t: int, d: int, dtype: torch.dtype, gen: torch.Genera
     x, w, b = rand(t, k), rand(n, k, scale=k**-0.5), rand(n, scale=0.1)
     if role == "qkv":  # positions of back-to-back sequences of 300 tokens
         return x, w, b, torch.arange(t, device="cuda") % 300
-    return (x, w, b) if role == "gelu" else (x, w, b, rand(t, n))
+    return (x, w, b) if role in ("gelu", "out_bias", "fc2_bias") else (x, w, b, rand(t, n))
 
 
 def reference(role: str, args: tuple, head_dim: int) -> torch.Tensor:
@@ -104,6 +107,8 @@ def reference(role: str, args: tuple, head_dim: int) -> torch.Tensor:
     try:
         if role == "qkv":
             return qkv_in_esm_order(_qkv_rope(*fp32[:3], *rotary_half_tables(args[3], head_dim)), head_dim)
+        if role.endswith("_bias"):
+            return F.linear(*fp32)
         return _gelu(*fp32) if role == "gelu" else _residual(*fp32)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
@@ -160,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = quack_config(CANDIDATES[cand])
                     runs.append((f"quack:{cand}", lambda x, w, b, _, cfg=cfg: quack_qkv_rotary(
                         x, w_il, b_il, *rope, cfg)))
+            elif role.endswith("_bias"):
+                runs = [("cublas", F.linear)]
+                for cand in args.candidates.split(","):
+                    cfg = quack_config(CANDIDATES[cand])
+                    runs.append((f"quack:{cand}", lambda x, w, b, cfg=cfg: quack_linear(x, w, b, None, None, cfg)))
             else:
                 kind = "gelu" if role == "gelu" else "residual"
                 act = "gelu_erf" if role == "gelu" else None
