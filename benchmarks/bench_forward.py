@@ -34,8 +34,8 @@ class ForwardPacked:
 
 
 class ForwardPackedHopper:
-    """ForwardPacked with the "hopper" kernel set (common.KERNEL_SETS: FlashAttention-4 and fc1 +
-    GELU in quack's epilogue GEMM), fp16/bf16 on the GPU tier; n/a where either is not installed
+    """ForwardPacked with the "hopper" kernel set (common.KERNEL_SETS: FlashAttention-4 and
+    quack's epilogue GEMMs, fc1 + GELU and QKV + rotary), fp16/bf16 on the GPU tier; n/a where either is not installed
     or the GPU is not compute capability 9.x."""
 
     params = HOPPER_GRID

@@ -84,8 +84,8 @@ class ForwardMetrics:
 
 
 class HopperMetrics:
-    """ForwardMetrics of the "hopper" kernel set (common.KERNEL_SETS: FlashAttention-4 and fc1 +
-    GELU in quack's epilogue GEMM), measured in the same process as the bundled rows; n/a where
+    """ForwardMetrics of the "hopper" kernel set (common.KERNEL_SETS: FlashAttention-4 and
+    quack's epilogue GEMMs, fc1 + GELU and QKV + rotary), measured in the same process as the bundled rows; n/a where
     the set cannot run."""
 
     params = HOPPER_GRID

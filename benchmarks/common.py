@@ -126,8 +126,8 @@ VERSION = BENCH_VERSION + ";attention=" + ",".join(
     f"{tier}:{p}:{b}" for tier, pins in PINNED_BACKEND.items() for p, b in pins.items()
 )
 # Kernel sets of the timed engine. "bundled": what PyTorch alone ships (the attention pins above,
-# cuBLAS GEMMs); every series without "Hopper" in its name. "hopper": FlashAttention-4 and fc1 +
-# GELU in quack's epilogue GEMM (both arrive with flash-attn-4; compute capability 9.x, fp16 and
+# cuBLAS GEMMs); every series without "Hopper" in its name. "hopper": FlashAttention-4 and quack's
+# epilogue GEMMs, fc1 + GELU and (from b435eff) QKV + rotary (both arrive with flash-attn-4; compute capability 9.x, fp16 and
 # bf16), the fastest engine on an H100/H200; its series (ForwardPackedHopper, HopperMetrics) are
 # n/a wherever either is missing, so installing them never moves a bundled series.
 KERNEL_SETS = {

@@ -14,8 +14,8 @@ so bad input fails in seconds. Defaults: --model esm2_t33_650M_UR50D, --device c
 batch, BOS/EOS included), --repr-layers the last layer (negative numbers count from the end as in
 fair-esm: -1 is the last layer, 0 the embeddings), --long-policy error (sequences over 1022
 residues are refused; 'truncate' keeps the first 1022, 'chunk' embeds near-equal pieces of at
-most 1022 residues and stitches them back), --attention auto, --gemm auto (fc1 + GELU in
-quack's epilogue GEMM on Hopper GPUs where quack-kernels is installed, cuBLAS elsewhere), --seed 0 (used only for seeded
+most 1022 residues and stitches them back), --attention auto, --gemm auto (fc1 + GELU and QKV +
+rotary in quack's epilogue GEMMs on Hopper GPUs where quack-kernels is installed, cuBLAS elsewhere), --seed 0 (used only for seeded
 random weights when no checkpoint is on disk), torch.compile'd layer halves on CUDA devices
 (the first batch pays seconds of compilation; --no-compile runs eager layers) and eager layers
 elsewhere (--compile forces compiled), CUDA graph replay of repeated batch shapes on CUDA devices
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="auto", metavar="{" + ",".join(("auto",) + BACKENDS) + "}",
                    help="varlen attention backend (default auto: the fastest available)")
     p.add_argument("--gemm", default="auto", metavar="{auto," + ",".join(GEMM_BACKENDS) + "}",
-                   help="how fc1 + GELU runs (default auto: quack's epilogue GEMM on Hopper GPUs where "
+                   help="how fc1 + GELU and QKV + rotary run (default auto: quack's epilogue GEMMs on Hopper GPUs where "
                         "quack-kernels is installed, cuBLAS elsewhere)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights used when no checkpoint is found")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

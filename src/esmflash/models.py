@@ -483,8 +483,8 @@ def load_esm2_model(
     precision: "fp32", "fp16" or "bf16". attention: "auto" or a backend (see esmflash.attention).
     compile: run the layers through torch.compile (`PackedESM2.set_compile`; `model.forward_impl`
     records the choice). None (default): compiled on CUDA, eager elsewhere; False forces eager.
-    gemm: "auto", "cublas" or "quack": how fc1 + GELU runs (`PackedESM2.set_gemm_backend`; auto
-    picks quack's epilogue GEMM on 9.x GPUs in fp16/bf16 where quack-kernels is installed).
+    gemm: "auto", "cublas" or "quack": how fc1 + GELU and QKV + rotary run
+    (`PackedESM2.set_gemm_backend`; auto picks quack's epilogue GEMMs on 9.x GPUs in fp16/bf16 where quack-kernels is installed).
     cuda_graphs: replay repeated batch shapes as CUDA graphs (`PackedESM2.set_cuda_graphs`);
     None (default): on for CUDA. micro_batch_tokens: the most tokens one pass runs; larger
     batches run as pieces of whole sequences (`PackedESM2.set_micro_batch_tokens`; default
