@@ -165,7 +165,8 @@ class PackedESM2(ESM2):
         where they are not already) and re-point the parameters at their blocks: no extra memory,
         state_dict unchanged, in-place weight edits and load_state_dict seen by both forwards.
         Runs after every .to()/.half()/.cuda() (see `_apply`) and again from `forward_packed`
-        whenever a q/k/v parameter was replaced."""
+        whenever a q/k/v parameter was replaced. The quack backend's interleaved QKV copies are
+        made anew on the next pass: call this after editing q/k/v through `.data`."""
         cache = []
         for layer in self.layers:
             weights, biases = self._qkv_params(layer)
