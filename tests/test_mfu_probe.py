@@ -47,11 +47,17 @@ def test_kernel_family(name, family):
 
 
 def test_kernel_breakdown_sums_per_family_and_idle():
-    kernels = [(name, 100.0 * (i + 1)) for i, name in enumerate(NAMES)]  # µs: 100, 200, ...
-    out = probe.kernel_breakdown(kernels, wall_ms=10.0)
+    # µs: kernel i lasts 100 (i + 1) and starts 50 after the previous one ends (a 50 µs gap each)
+    kernels, start = [], 1000.0
+    for i, name in enumerate(NAMES):
+        kernels.append((name, start, 100.0 * (i + 1)))
+        start += 100.0 * (i + 1) + 50.0
+    out = probe.kernel_breakdown(kernels, wall_ms=30.0)
     # attention = first two kernels (100 + 200 µs), gemm = next three (300 + 400 + 500 µs)
     assert out["attention"] == pytest.approx(0.3)
     assert out["gemm"] == pytest.approx(1.2)
     assert out["total"] == pytest.approx(sum(100.0 * (i + 1) for i in range(len(NAMES))) / 1e3)
-    assert out["idle"] == pytest.approx(10.0 - out["total"])
+    assert out["idle"] == pytest.approx(30.0 - out["total"])
+    assert out["gaps"] == pytest.approx(0.05 * (len(NAMES) - 1))
+    assert out["outside"] == pytest.approx(30.0 - out["total"] - out["gaps"])
     assert probe.kernel_breakdown(kernels, wall_ms=1.0)["idle"] == 0.0  # overlapping kernels: no negative idle
