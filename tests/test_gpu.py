@@ -13,6 +13,7 @@ import random
 
 import pytest
 import torch
+from test_fast_path import _deinterleave
 
 from esmflash import (
     FlashAttentionNotActiveError,
@@ -245,11 +246,6 @@ def test_activation_memory_at_32k_tokens(reference):
     if model.embed_dim == 1280:
         assert max(per_token) <= 12_000
     assert max_rel < 2e-3
-
-
-def _deinterleave(x: torch.Tensor) -> torch.Tensor:
-    """[..., Dh] in the pairs order [0, Dh/2, 1, Dh/2+1, ...] -> fair-esm's halves order."""
-    return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
 
 
 @torch.no_grad()

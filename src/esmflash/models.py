@@ -231,7 +231,6 @@ class PackedESM2(ESM2):
         result = super()._apply(fn, recurse)
         if "layers" in self._modules:
             self.prepare_packed()
-            self._rope_qkv = self._rope_qkv_key = self._rope_turns = None
             if self.gemm_backend == "quack":  # the copies again, or cuBLAS where quack cannot run now
                 self.set_gemm_backend("quack" if gemm_unavailable_reason("quack", self.device, self.dtype) is None
                                       else "cublas")
