@@ -126,13 +126,14 @@ VERSION = BENCH_VERSION + ";attention=" + ",".join(
     f"{tier}:{p}:{b}" for tier, pins in PINNED_BACKEND.items() for p, b in pins.items()
 )
 # Kernel sets of the timed engine. "bundled": what PyTorch alone ships (the attention pins above,
-# cuBLAS GEMMs); every series without "Hopper" in its name. "hopper": FlashAttention-4 and quack's
+# cuBLAS GEMMs, and on the GPU tier esmflash's Triton add + LayerNorm kernel, from the commit after
+# ebef537; Triton ships with PyTorch's CUDA builds); every series without "Hopper" in its name. "hopper": FlashAttention-4 and quack's
 # epilogue GEMMs, fc1 + GELU and (from b435eff) QKV + rotary (both arrive with flash-attn-4; compute capability 9.x, fp16 and
 # bf16), the fastest engine on an H100/H200; its series (ForwardPackedHopper, HopperMetrics) are
 # n/a wherever either is missing, so installing them never moves a bundled series.
 KERNEL_SETS = {
-    "bundled": {"attention": None, "gemm": "cublas"},
-    "hopper": {"attention": "fa4", "gemm": "quack"},
+    "bundled": {"attention": None, "gemm": "cublas", "norm": "triton"},
+    "hopper": {"attention": "fa4", "gemm": "quack", "norm": "triton"},
 }
 HOPPER_VERSION = VERSION + ";hopper=fa4+quack"
 HOPPER_GRID = (MODELS_BY_TIER["gpu"], HALF_PRECISIONS, LENGTH_CLASSES)
@@ -199,10 +200,11 @@ _DATA: dict = {}
 _READY: set = set()
 
 
-def kernel_backends(precision: str, kernels: str = "bundled") -> tuple[str, str]:
-    """(attention backend, GEMM backend) of a kernel set (KERNEL_SETS) at this precision."""
+def kernel_backends(precision: str, kernels: str = "bundled") -> tuple[str, str, str]:
+    """(attention backend, GEMM backend, norm backend) of a kernel set (KERNEL_SETS) at this
+    precision. The CPU tier runs the norm as PyTorch ops (the Triton kernel is CUDA-only)."""
     pins = KERNEL_SETS[kernels]
-    return pins["attention"] or PINNED_BACKEND[TIER][precision], pins["gemm"]
+    return pins["attention"] or PINNED_BACKEND[TIER][precision], pins["gemm"], pins["norm"] if TIER == "gpu" else "torch"
 
 
 def hopper_unavailable_reason(precision: str) -> str | None:
@@ -213,7 +215,7 @@ def hopper_unavailable_reason(precision: str) -> str | None:
     from esmflash.epilogue import gemm_unavailable_reason
     from esmflash.models import PRECISIONS as DTYPES
 
-    attention, gemm = kernel_backends(precision, "hopper")
+    attention, gemm, _ = kernel_backends(precision, "hopper")
     dev, dtype = device(), DTYPES[precision]  # device() raises on a GPU tier without CUDA
     return backend_unavailable_reason(attention, dev, dtype) or gemm_unavailable_reason(gemm, dev, dtype)
 
@@ -226,9 +228,9 @@ def load_model(name: str, precision: str, kernels: str = "bundled"):
     if key not in _MODELS:
         from esmflash import load_esm2_model
 
-        attention, gemm = kernel_backends(precision, kernels)
+        attention, gemm, norm = kernel_backends(precision, kernels)
         _MODELS[key], _ = load_esm2_model(name, precision=precision, device=device(), attention=attention,
-                                          gemm=gemm, seed=0)
+                                          gemm=gemm, norm=norm, seed=0)
     return _MODELS[key]
 
 
@@ -368,7 +370,7 @@ def measure_forward_metrics() -> dict:
       speedup_over_stock_fp32  stock fair-esm fp32 padded seconds / these seconds
       max_rel_err_vs_fp32    max|x - ref| / max|ref|, last-layer representations, against the
                              fp32 model with the same weights (half precisions only)
-      attention_backend, gemm_backend, forward_impl, kernels  what ran (recorded in the cache,
+      attention_backend, gemm_backend, norm_backend, forward_impl, kernels  what ran (recorded in the cache,
                              not tracked; forward_impl is the engine's default: compiled on a GPU)
 
     Key ("large_batch", model, precision), GPU half precisions: {"activation_bytes_per_token":
@@ -411,7 +413,7 @@ def measure_forward_metrics() -> dict:
         else:
             reps = forward_packed(model, batches)
         row = {"attention_backend": model.attention_backend, "gemm_backend": model.gemm_backend,
-               "forward_impl": model.forward_impl}
+               "norm_backend": model.norm_backend, "forward_impl": model.forward_impl}
         if gpu:
             row["gpu_peak_memory_bytes"] = float(params + inputs + activations)
             row["activation_bytes_per_token"] = activations / tokens
@@ -448,8 +450,8 @@ def measure_forward_metrics() -> dict:
             for precision, kernels in itertools.product(HALF_PRECISIONS if gpu else [], KERNEL_SETS):
                 if kernels != "bundled" and hopper_unavailable_reason(precision) is not None:
                     continue
-                attention, gemm = kernel_backends(precision, kernels)
-                model = cast_model(ref, precision, attention=attention, gemm=gemm)
+                attention, gemm, norm = kernel_backends(precision, kernels)
+                model = cast_model(ref, precision, attention=attention, gemm=gemm, norm=norm)
                 names = verify_kernel_family(model)
                 for length in LENGTH_CLASSES:
                     row, _ = measure(model, length, reference[length])

@@ -133,6 +133,11 @@ def test_half_precision_accuracy_vs_stock(reference):
             ours = cast_model(reference, precision, "torch_flash", gemm="quack")
             report["rows"][f"esmflash {precision} packed (torch_flash, quack)"] = summarize(packed_outputs(ours))
             del ours
+        # the rows above run the default norm backend (the Triton add + LayerNorm kernel); this one
+        # the same path with inductor's fusion of the same ops
+        ours = cast_model(reference, precision, "torch_flash", gemm="cublas", norm="torch")
+        report["rows"][f"esmflash {precision} packed (torch_flash, torch norm)"] = summarize(packed_outputs(ours))
+        del ours
         stock = copy.deepcopy(reference).to(dtype)
         report["rows"][f"stock fair-esm {precision} padded"] = summarize(stock_outputs(stock))
         del stock
@@ -166,6 +171,10 @@ def test_half_precision_accuracy_vs_stock(reference):
         if row is not None:
             assert row["mean_rel_err"] <= 1.02 * bundled["mean_rel_err"], precision
             assert row["max_rel_err"] <= stock["max_rel_err"], precision
+        # the Triton add + LayerNorm kernel does inductor's fp32 math: no worse on average
+        torch_norm = rows[f"esmflash {precision} packed (torch_flash, torch norm)"]
+        assert bundled["mean_rel_err"] <= 1.02 * torch_norm["mean_rel_err"], precision
+        assert bundled["max_rel_err"] <= stock["max_rel_err"], precision
 
 
 @torch.no_grad()
@@ -280,6 +289,46 @@ def test_qkv_rotary_epilogue(reference, precision):
     w_new, _ = model._qkv_weights()[i]
     assert w_new.data_ptr() == address
     assert torch.equal(w_new, interleave_rotary_rows(model._fused_qkv()[i][0], dh, 2 * d))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+def test_add_layer_norm_kernel(precision):
+    """esmflash's Triton add + LayerNorm kernel against its reference math and against inductor's
+    fusion of the same ops: the residual sum bit for bit, the LayerNorm within one rounding (fp32:
+    a few ulps), at the pinned widths and odd ones, with T not a multiple of the rows per program;
+    and inside a CUDA graph."""
+    from esmflash.layernorm import add_layer_norm, add_layer_norm_reference
+
+    dtype = PRECISIONS[precision]
+    ulps = 16 if dtype == torch.float32 else 1
+
+    def add_norm(x, y, bias, w, b):
+        s = x + (y + bias)
+        return s, torch.nn.functional.layer_norm(s, (s.shape[1],), w, b, 1e-5)
+
+    inductor = torch.compile(add_norm)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for t, d in ((3001, 1280), (1001, 2560), (777, 320), (513, 480), (65, 100), (129, 5120)):
+        x = (4 * torch.randn(t, d, device="cuda", generator=g)).to(dtype)
+        y = torch.randn(t, d, device="cuda", generator=g).to(dtype)
+        bias, b = (0.1 * torch.randn(2, d, device="cuda", generator=g)).to(dtype)
+        w = (1 + 0.1 * torch.randn(d, device="cuda", generator=g)).to(dtype)
+        s, h = add_layer_norm(x, y, bias, w, b, 1e-5)
+        refs = [("reference", add_layer_norm_reference(x, y, bias, w, b, 1e-5))]
+        if d in (1280, 2560):  # the 650M and 3B widths (each compile takes seconds)
+            refs.append(("inductor", inductor(x, y, bias, w, b)))
+        for name, (rs, rh) in refs:
+            assert torch.equal(s, rs), (name, t, d)
+            tol = ulps * torch.finfo(dtype).eps * rh.float().abs().clamp(min=1.0)
+            assert ((h.float() - rh.float()).abs() <= tol).all(), (name, t, d, (h.float() - rh.float()).abs().max().item())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gs, gh = add_layer_norm(x, y, bias, w, b, 1e-5)
+    x.mul_(-1)
+    graph.replay()
+    s, h = add_layer_norm(x, y, bias, w, b, 1e-5)
+    assert torch.equal(gs, s) and torch.equal(gh, h)
 
 
 def test_mfu_denominator_on_this_gpu():

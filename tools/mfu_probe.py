@@ -22,6 +22,7 @@ than after the profiler's start-up pause.
     python tools/mfu_probe.py --jsonl probe.jsonl    # also append the JSON lines to a file
     python tools/mfu_probe.py --breakdown --no-reference --budgets 16384   # where the time goes
     python tools/mfu_probe.py --impls compiled --gemms cublas,quack     # GEMM epilogue backends
+    python tools/mfu_probe.py --impls compiled --norms torch,triton     # add + LayerNorm backends
     python tools/mfu_probe.py --impls compiled --budgets 32768 --micro-batches 0,16384,8192  # pieces
 
 Weights: the real checkpoint when esmflash finds one on disk, else seeded random weights (the
@@ -184,6 +185,7 @@ def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, 
         "compile_mode": model.compile_mode,
         "attention": model.attention_backend,
         "gemm": model.gemm_backend,
+        "norm": model.norm_backend,
         "micro_batch_tokens": model.micro_batch_tokens,
         "cuda_graphs": model.cuda_graphs,
         "budget": budget,
@@ -213,7 +215,7 @@ def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, 
 def print_row(row: dict) -> None:
     err = f"{row['max_rel_err']:.2e}" if "max_rel_err" in row else "n/a"
     print(
-        f"{row['model']:>20s} {row['precision']:>4s} {row['forward_impl']:>8s} {row['gemm']:>6s} T={row['tokens']:>5d} "
+        f"{row['model']:>20s} {row['precision']:>4s} {row['forward_impl']:>8s} {row['gemm']:>6s} {row['norm']:>6s} T={row['tokens']:>5d} "
         f"first {row['first_call_s']:7.2f}s  {row['median_ms']:8.2f} ms  {row['tokens_per_s'] / 1e3:7.1f}k tok/s  "
         f"{row['tflops']:6.1f} TFLOP/s  MFU {row['mfu_pct']:5.1f}%  first-call peak {row['peak_mem_mib'] / 1024:6.2f} GiB "
         f"(+{row['activation_peak_mib'] / 1024:.2f})  activations {row['activation_bytes_per_token'] / 1024:.1f} KiB/token  "
@@ -243,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", default="eager,compiled", help="comma-separated forward_impl values")
     parser.add_argument("--attention", default="auto", help="attention backend (auto: fastest available)")
     parser.add_argument("--gemms", default="cublas", help="comma-separated GEMM backends (cublas, quack)")
+    parser.add_argument("--norms", default="auto", help="comma-separated norm backends (torch, triton, auto)")
     parser.add_argument("--length-class", default="mixed", help="the suite's length class of the batch "
                         "(short, medium, long, xlong, mixed)")
     parser.add_argument("--cuda-graphs", default="on", help="comma-separated: on, off (CUDA graph replay)")
@@ -297,20 +300,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"{model.weights_source}, attention {model.attention_backend}", flush=True)
             micro_batches = ([int(m) for m in args.micro_batches.split(",")] if args.micro_batches
                              else [model.micro_batch_tokens])
-            for impl, gemm, graphs, micro, b in itertools.product(impls, args.gemms.split(","), args.cuda_graphs.split(","),
-                                                                  micro_batches, budgets):
+            for impl, gemm, norm, graphs, micro, b in itertools.product(
+                    impls, args.gemms.split(","), args.norms.split(","), args.cuda_graphs.split(","), micro_batches, budgets):
                 try:
                     model.set_cuda_graphs(graphs == "on")
                     model.set_compile(impl == "compiled", args.compile_mode)
                     model.set_gemm_backend(gemm)
+                    model.set_norm_backend(norm)
                     model.set_micro_batch_tokens(micro)
                     row = probe_one(model, batches[b], b, refs.get(b), args, peak)
                 except Exception as exc:  # report and go on: one broken config must not hide the rest
                     traceback.print_exc()
-                    row = {"model": name, "precision": precision, "forward_impl": impl, "gemm": gemm,
+                    row = {"model": name, "precision": precision, "forward_impl": impl, "gemm": gemm, "norm": norm,
                            "micro_batch_tokens": micro, "cuda_graphs": graphs == "on", "budget": b,
                            "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
-                    print(f"{name} {precision} {impl} {gemm} budget {b}: FAILED {row['error']}", flush=True)
+                    print(f"{name} {precision} {impl} {gemm} {norm} budget {b}: FAILED {row['error']}", flush=True)
                     emit({**row, **env}, args)
                     free_cuda()
                     continue

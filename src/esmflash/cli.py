@@ -3,7 +3,7 @@
     esmflash embed IN.fasta -o OUT.npz [--model NAME|PATH] [--precision {fp32,fp16,bf16}]
         [--max-tokens N] [--device DEVICE] [--repr-layers L [L ...]] [--per-token]
         [--long-policy {error,truncate,chunk}] [--attention {auto,fa4,flash_attn,torch_flash,sdpa}]
-        [--gemm {auto,cublas,quack}] [--seed N] [--compile | --no-compile]
+        [--gemm {auto,cublas,quack}] [--norm {auto,torch,triton}] [--seed N] [--compile | --no-compile]
         [--cuda-graphs | --no-cuda-graphs] [--micro-batch-tokens N] [--no-progress]
         [--resumable] [--restart]
     torchrun --nproc-per-node N -m esmflash embed IN.fasta -o OUT.npz ...
@@ -15,7 +15,8 @@ batch, BOS/EOS included), --repr-layers the last layer (negative numbers count f
 fair-esm: -1 is the last layer, 0 the embeddings), --long-policy error (sequences over 1022
 residues are refused; 'truncate' keeps the first 1022, 'chunk' embeds near-equal pieces of at
 most 1022 residues and stitches them back), --attention auto, --gemm auto (fc1 + GELU and QKV +
-rotary in quack's epilogue GEMMs on Hopper GPUs where quack-kernels is installed, cuBLAS elsewhere), --seed 0 (used only for seeded
+rotary in quack's epilogue GEMMs on Hopper GPUs where quack-kernels is installed, cuBLAS elsewhere), --norm auto
+(bias + residual add + LayerNorm in esmflash's Triton kernel on CUDA, PyTorch ops elsewhere), --seed 0 (used only for seeded
 random weights when no checkpoint is on disk), torch.compile'd layer halves on CUDA devices
 (the first batch pays seconds of compilation; --no-compile runs eager layers) and eager layers
 elsewhere (--compile forces compiled), CUDA graph replay of repeated batch shapes on CUDA devices
@@ -32,7 +33,8 @@ Output: one .npz file (numpy.load), written at exactly the path given by -o:
     offsets         int64   [N+1]          --per-token only: rows of sequence i are
                                            tokens_<layer>[offsets[i]:offsets[i+1]]
     meta            unicode 0-d            JSON: {model, weights_source, precision,
-                                           attention_backend, gemm_backend, forward_impl,
+                                           attention_backend, gemm_backend, norm_backend,
+                                           forward_impl,
                                            cuda_graphs, micro_batch_tokens, esmflash_version,
                                            repr_layers, long_policy}; read with
                                            json.loads(str(f["meta"]))
@@ -84,6 +86,7 @@ from . import __version__
 from .atomic import AtomicFile
 from .attention import BACKENDS, resolve_backend
 from .epilogue import GEMM_BACKENDS, resolve_gemm_backend
+from .layernorm import NORM_BACKENDS, resolve_norm_backend
 from .distributed import Ranks, assign_units, env_rank, env_world_size, run_units
 from .embed import Embeddings, embed_batches, model_info
 from .errors import EsmflashError, RankFailedError
@@ -129,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gemm", default="auto", metavar="{auto," + ",".join(GEMM_BACKENDS) + "}",
                    help="how fc1 + GELU and QKV + rotary run (default auto: quack's epilogue GEMMs on Hopper GPUs where "
                         "quack-kernels is installed, cuBLAS elsewhere)")
+    p.add_argument("--norm", default="auto", metavar="{auto," + ",".join(NORM_BACKENDS) + "}",
+                   help="how the residual adds + LayerNorms run (default auto: esmflash's Triton kernel on CUDA, "
+                        "PyTorch ops elsewhere)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights used when no checkpoint is found")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the layers through torch.compile (default: on for CUDA devices, off "
@@ -242,6 +248,7 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> _Job:
         _resolve_layers(args.repr_layers, ESM2_ARCHITECTURES[args.model][0])
     backend = resolve_backend(args.attention, device, PRECISIONS[precision])  # BackendUnavailableError
     resolve_gemm_backend(args.gemm, device, PRECISIONS[precision])  # the same, before any model loads
+    resolve_norm_backend(args.norm, device, PRECISIONS[precision])
     if args.cuda_graphs and device.type != "cuda":
         raise EsmflashError(f"--cuda-graphs needs a CUDA device (got {device})")
     out_path = os.path.abspath(args.output)
@@ -264,7 +271,7 @@ def _load_model(args: argparse.Namespace, device: torch.device, precision: str) 
         try:
             model, _ = load_esm2_model(args.model, precision=precision, device=device,
                                        attention=args.attention, seed=args.seed, compile=args.compile,
-                                       gemm=args.gemm, cuda_graphs=args.cuda_graphs,
+                                       gemm=args.gemm, norm=args.norm, cuda_graphs=args.cuda_graphs,
                                        micro_batch_tokens=args.micro_batch_tokens)
         except pickle.UnpicklingError as e:
             raise EsmflashError(f"{args.model}: not a fair-esm checkpoint ({e})") from e
@@ -312,7 +319,8 @@ def _embed_command(args: argparse.Namespace) -> int:
     print(
         f"esmflash: embedded {len(job.ids)} sequences, {total_tokens} tokens (BOS/EOS included) in {seconds:.2f} s "
         f"({total_tokens / max(seconds, 1e-9):,.0f} tokens/s); weights {model.weights_source}; "
-        f"attention {model.attention_backend}; gemm {model.gemm_backend}; wrote {args.output}",
+        f"attention {model.attention_backend}; gemm {model.gemm_backend}; norm {model.norm_backend}; "
+        f"wrote {args.output}",
         file=sys.stderr,
     )
     return 0

@@ -52,11 +52,12 @@ def split_per_sequence(x: torch.Tensor, batch: PackedBatch, residues_only: bool 
 
 
 def model_info(model: PackedESM2) -> dict[str, str | bool | int | None]:
-    """What produced the embeddings: model name, weights source, precision, attention and GEMM
-    backends, layer implementation, CUDA graphs on/off and the micro-batch cap."""
+    """What produced the embeddings: model name, weights source, precision, attention, GEMM and
+    norm backends, layer implementation, CUDA graphs on/off and the micro-batch cap."""
     return {"model": model.model_name, "weights_source": model.weights_source,
             "precision": model.precision, "attention_backend": model.attention_backend,
-            "gemm_backend": model.gemm_backend, "forward_impl": model.forward_impl,
+            "gemm_backend": model.gemm_backend, "norm_backend": model.norm_backend,
+            "forward_impl": model.forward_impl,
             "cuda_graphs": model.cuda_graphs, "micro_batch_tokens": model.micro_batch_tokens}
 
 

@@ -23,6 +23,13 @@ The rotary operands `rotary` (a pair of fp32 tensors) depend on the GEMM backend
   "quack"   (positions [T], turns [3D]) (epilogue.rotary_turns_table); QKV weights with each
             head's q/k rows interleaved (epilogue.interleave_rotary_rows), so q and k come out
             of attention_inputs in that order too (attention does not depend on it)
+
+The norm backend `norm` (esmflash.layernorm) runs each residual add that feeds a LayerNorm (out_proj
+into the MLP's, fc2 into the next layer's attention LayerNorm):
+  "torch"   x + F.linear(y, W, b), then F.layer_norm: separate kernels eager, one inductor
+            fusion compiled
+  "triton"  F.linear(y, W) without its bias, then layernorm.add_layer_norm: bias, residual add
+            and LayerNorm in one hand-written kernel, the same fp32 math as inductor's fusion
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .epilogue import linear_gelu, qkv_rotary
+from .layernorm import add_layer_norm
 
 # ----------------------------------------------------------------------------- fused QKV storage
 
@@ -135,6 +143,49 @@ def rotate_qk_(qk: torch.Tensor, cos_h: torch.Tensor, sin_h: torch.Tensor) -> to
 # ----------------------------------------------------------------------------- layer halves
 
 
+def residual_layer_norm(
+    x: torch.Tensor,
+    inp: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    norm: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual branch's output projection, the residual add and the LayerNorm that reads the
+    sum: x [T, D], inp [T, K], weight [D, K], bias [D] -> (x + inp W^T + b, LayerNorm of that),
+    both [T, D]. norm: "torch" or "triton" (module docstring)."""
+    if norm == "triton":
+        return add_layer_norm(x, F.linear(inp, weight), bias, ln_weight, ln_bias, eps)
+    x = x + F.linear(inp, weight, bias)
+    return x, F.layer_norm(x, (x.shape[1],), ln_weight, ln_bias, eps)
+
+
+def project_qkv(
+    h: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor,
+    head_dim: int,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    in_place: bool = False,
+    gemm: str = "cublas",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused QKV projection ([3D, D] weight, [3D] bias) of the LayerNorm output h [T, D] and
+    rotary on q and k -> q, k, v [T, H, Dh] (strided views of one [T, 3, H, Dh]; last dim
+    contiguous). rotary: the operands of `gemm` (module docstring). gemm "quack": projection,
+    bias and rotary in one GEMM (epilogue.qkv_rotary). gemm "cublas": rotary out of place after
+    the GEMM (the form torch.compile fuses), or with in_place=True inside the QKV buffer
+    (`rotate_qk_`: fewer eager kernels and no fp32 copies)."""
+    t = h.shape[0]
+    if gemm == "quack":
+        qkv = qkv_rotary(h, qkv_weight, qkv_bias, *rotary).view(t, 3, -1, head_dim)
+        return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    qkv = F.linear(h, qkv_weight, qkv_bias).view(t, 3, -1, head_dim)
+    qk = (rotate_qk_ if in_place else rotate_qk)(qkv[:, :2], *rotary)
+    return qk[:, 0], qk[:, 1], qkv[:, 2]
+
+
 def attention_inputs(
     x: torch.Tensor,
     ln_weight: torch.Tensor,
@@ -147,20 +198,9 @@ def attention_inputs(
     in_place: bool = False,
     gemm: str = "cublas",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LayerNorm, fused QKV projection ([3D, D] weight, [3D] bias) and rotary on q and k:
-    x [T, D] -> q, k, v [T, H, Dh] (strided views of one [T, 3, H, Dh]; last dim contiguous).
-    rotary: the operands of `gemm` (module docstring). gemm "quack": projection, bias and rotary
-    in one GEMM (epilogue.qkv_rotary). gemm "cublas": rotary out of place after the GEMM (the
-    form torch.compile fuses), or with in_place=True inside the QKV buffer (`rotate_qk_`: fewer
-    eager kernels and no fp32 copies)."""
-    t, d = x.shape
-    h = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
-    if gemm == "quack":
-        qkv = qkv_rotary(h, qkv_weight, qkv_bias, *rotary).view(t, 3, -1, head_dim)
-        return qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    qkv = F.linear(h, qkv_weight, qkv_bias).view(t, 3, -1, head_dim)
-    qk = (rotate_qk_ if in_place else rotate_qk)(qkv[:, :2], *rotary)
-    return qk[:, 0], qk[:, 1], qkv[:, 2]
+    """LayerNorm, then `project_qkv`: x [T, D] -> q, k, v [T, H, Dh]."""
+    h = F.layer_norm(x, (x.shape[1],), ln_weight, ln_bias, eps)
+    return project_qkv(h, qkv_weight, qkv_bias, head_dim, rotary, in_place, gemm)
 
 
 # The eager path's attention inputs: rotary in place.
@@ -180,15 +220,15 @@ def attention_output(
     fc2_weight: torch.Tensor,
     fc2_bias: torch.Tensor,
     gemm: str = "cublas",
+    norm: str = "torch",
 ) -> torch.Tensor:
     """The rest of the layer after attention: x [T, D] residual stream, o [T, H, Dh] attention
     output -> x [T, D]. Exact (erf) GELU, as fair-esm. gemm: how fc1 + GELU runs, "cublas" (GELU
     as a PyTorch op, fused with the bias by torch.compile) or "quack" (bias and GELU in the GEMM's
-    epilogue; see esmflash.epilogue). The residual adds stay PyTorch ops either way: compiled,
-    they fuse with the next LayerNorm, which then reads the unrounded fp32 sum."""
+    epilogue; see esmflash.epilogue). norm: how out_proj's residual add + LayerNorm runs (module
+    docstring); fc2's residual add, with no LayerNorm after it here, is a PyTorch op."""
     t, d = x.shape
-    x = x + F.linear(o.reshape(t, d), out_weight, out_bias)
-    h = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
+    x, h = residual_layer_norm(x, o.reshape(t, d), out_weight, out_bias, ln_weight, ln_bias, eps, norm)
     return x + F.linear(linear_gelu(h, fc1_weight, fc1_bias, gemm), fc2_weight, fc2_bias)
 
 
@@ -213,15 +253,17 @@ def attention_output_and_next_inputs(
     rotary: tuple[torch.Tensor, torch.Tensor],
     in_place: bool = False,
     gemm: str = "cublas",
+    norm: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`attention_output` of one layer and `attention_inputs` of the next, across the layer
-    boundary: x [T, D], o [T, H, Dh] -> x [T, D], q, k, v [T, H, Dh]. One compiled graph of this
-    fuses the fc2 bias + residual add with the next LayerNorm (one pass over x instead of two)."""
-    x = attention_output(x, o, out_weight, out_bias, ln_weight, ln_bias, eps,
-                         fc1_weight, fc1_bias, fc2_weight, fc2_bias, gemm)
-    q, k, v = attention_inputs(x, next_ln_weight, next_ln_bias, next_eps, next_qkv_weight, next_qkv_bias,
-                               head_dim, rotary, in_place, gemm)
-    return x, q, k, v
+    boundary: x [T, D], o [T, H, Dh] -> x [T, D], q, k, v [T, H, Dh]. Both residual adds feed a
+    LayerNorm here, so both run as `residual_layer_norm` (one pass over x each: compiled, an
+    inductor fusion; norm "triton", the hand-written kernel)."""
+    t, d = x.shape
+    x, h = residual_layer_norm(x, o.reshape(t, d), out_weight, out_bias, ln_weight, ln_bias, eps, norm)
+    g = linear_gelu(h, fc1_weight, fc1_bias, gemm)
+    x, h = residual_layer_norm(x, g, fc2_weight, fc2_bias, next_ln_weight, next_ln_bias, next_eps, norm)
+    return (x, *project_qkv(h, next_qkv_weight, next_qkv_bias, head_dim, rotary, in_place, gemm))
 
 
 # The eager path's layer boundary: rotary in place.
@@ -242,26 +284,30 @@ def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
-def eager_layer_functions(gemm: str = "cublas") -> tuple[Callable, Callable, Callable]:
+def eager_layer_functions(gemm: str = "cublas", norm: str = "torch") -> tuple[Callable, Callable, Callable]:
     """(attention_inputs, attention_output, attention_output_and_next_inputs) of the eager path:
-    rotary in place, GEMM backend `gemm`."""
-    return (functools.partial(attention_inputs_eager, gemm=gemm), functools.partial(attention_output, gemm=gemm),
-            functools.partial(attention_output_and_next_inputs_eager, gemm=gemm))
+    rotary in place, GEMM backend `gemm`, norm backend `norm`."""
+    return (functools.partial(attention_inputs_eager, gemm=gemm),
+            functools.partial(attention_output, gemm=gemm, norm=norm),
+            functools.partial(attention_output_and_next_inputs_eager, gemm=gemm, norm=norm))
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_layer_functions(mode: str | None = None, gemm: str = "cublas") -> tuple[Callable, Callable, Callable]:
+def compiled_layer_functions(mode: str | None = None, gemm: str = "cublas",
+                             norm: str = "torch") -> tuple[Callable, Callable, Callable]:
     """(attention_inputs, attention_output, attention_output_and_next_inputs) compiled by
     torch.compile (inductor), with the same signatures (without in_place and gemm). mode:
     torch.compile's mode ("default", "max-autotune", ...); None compiles with COMPILE_OPTIONS
-    instead. gemm: the GEMM backend of the output half (esmflash.epilogue). Compiled
+    instead. gemm: the GEMM backend (esmflash.epilogue); norm: the norm backend of the residual
+    adds (esmflash.layernorm). Compiled
     with dynamic=False and dim 0 (tokens) of every [T, ...] argument marked dynamic on each call:
     one graph each per model shape and dtype, reused by every layer and every batch size.
     Compilation happens on the first call, not here."""
     how = {"mode": mode} if mode is not None else {"options": dict(COMPILE_OPTIONS)}
     pre = torch.compile(functools.partial(attention_inputs, gemm=gemm), dynamic=False, fullgraph=True, **how)
-    post = torch.compile(functools.partial(attention_output, gemm=gemm), dynamic=False, fullgraph=True, **how)
-    boundary = torch.compile(functools.partial(attention_output_and_next_inputs, gemm=gemm),
+    post = torch.compile(functools.partial(attention_output, gemm=gemm, norm=norm), dynamic=False, fullgraph=True,
+                         **how)
+    boundary = torch.compile(functools.partial(attention_output_and_next_inputs, gemm=gemm, norm=norm),
                              dynamic=False, fullgraph=True, **how)
 
     def per_token(rotary):  # the rotary operands with a token dim: (cos_h, sin_h), or (positions,)

@@ -30,6 +30,7 @@ from .fused import (
     rotary_inv_freq,
 )
 from .graphs import GraphCache
+from .layernorm import norm_unavailable_reason, resolve_norm_backend
 from .numerics import check_finite
 from .packing import PackedBatch, split_batch
 
@@ -55,7 +56,8 @@ DEFAULT_MICRO_BATCH_TOKENS = 16384
 class PackedESM2(ESM2):
     """fair-esm ESM2 plus `forward_packed`. Attributes set by `load_esm2_model`:
     model_name, weights_source ("checkpoint:<path>" or "random-init:seed=N"), precision,
-    attention_backend, gemm_backend ("cublas" or "quack", see `set_gemm_backend`), forward_impl
+    attention_backend, gemm_backend ("cublas" or "quack", see `set_gemm_backend`), norm_backend
+    ("torch" or "triton", see `set_norm_backend`), forward_impl
     ("eager" or "compiled", see `set_compile`), micro_batch_tokens (the most tokens one pass
     runs, see `set_micro_batch_tokens`), cuda_graphs (replay repeated batch shapes as CUDA graphs,
     see `set_cuda_graphs`).
@@ -73,6 +75,7 @@ class PackedESM2(ESM2):
     precision: str = "fp32"
     attention_backend: str = "sdpa"
     gemm_backend: str = "cublas"
+    norm_backend: str = "torch"
     forward_impl: str = "eager"
     compile_mode: str | None = None
     micro_batch_tokens: int | None = None
@@ -110,6 +113,13 @@ class PackedESM2(ESM2):
         if self.gemm_backend == "quack":
             self._qkv_weights()
         return self.gemm_backend
+
+    def set_norm_backend(self, name: str) -> str:
+        """Select how the residual adds that feed a LayerNorm run: "auto", "torch" (PyTorch ops,
+        fused by inductor when compiled) or "triton" (bias + residual + LayerNorm in esmflash's
+        Triton kernel; see esmflash.layernorm). Returns the backend chosen."""
+        self.norm_backend = resolve_norm_backend(name, self.device, self.dtype)
+        return self.norm_backend
 
     def set_compile(self, enabled: bool | None = True, mode: str | None = None) -> str:
         """Select the layer implementation of `forward_packed` and return it (`forward_impl`):
@@ -234,6 +244,8 @@ class PackedESM2(ESM2):
             if self.gemm_backend == "quack":  # the copies again, or cuBLAS where quack cannot run now
                 self.set_gemm_backend("quack" if gemm_unavailable_reason("quack", self.device, self.dtype) is None
                                       else "cublas")
+            if self.norm_backend == "triton" and norm_unavailable_reason("triton", self.device, self.dtype):
+                self.norm_backend = "torch"  # moved off CUDA
         if self._graph_cache is not None:
             self._graph_cache.clear()  # graphs hold the old weights' addresses
             if self.device.type != "cuda":
@@ -297,9 +309,9 @@ class PackedESM2(ESM2):
     def _layer_functions(self) -> tuple[Callable, Callable, Callable]:
         """(attention_inputs, attention_output, attention_output_and_next_inputs) of `forward_impl`."""
         if self.forward_impl == "compiled":
-            return compiled_layer_functions(self.compile_mode, self.gemm_backend)
+            return compiled_layer_functions(self.compile_mode, self.gemm_backend, self.norm_backend)
         if self.forward_impl == "eager":
-            return eager_layer_functions(self.gemm_backend)
+            return eager_layer_functions(self.gemm_backend, self.norm_backend)
         raise ValueError(f"forward_impl must be 'eager' or 'compiled', got {self.forward_impl!r}")
 
     def forward_packed(
@@ -356,7 +368,7 @@ class PackedESM2(ESM2):
             return self._forward_layers(batch, repr_layers, return_logits, check_layers)
         key = (batch.num_tokens, batch.num_sequences, batch.max_seqlen, tuple(sorted(repr_layers)), return_logits,
                self.dtype, self.forward_impl, self.compile_mode, self.attention_backend, self.gemm_backend,
-               self._fused_qkv_version())  # q/k/v re-fused: new weights, new graphs
+               self.norm_backend, self._fused_qkv_version())  # q/k/v re-fused: new weights, new graphs
         wanted = repr_layers | {self.num_layers}  # the final output, for the check after replay
         result = cache.run(key, batch, lambda b: self._forward_layers(b, wanted, return_logits, False, False), clone)
         result = {**result, "representations": dict(result["representations"])}  # never edit the graph's dict
@@ -470,6 +482,7 @@ def load_esm2_model(
     seed: int = 0,
     compile: bool | None = None,
     gemm: str = "auto",
+    norm: str = "auto",
     cuda_graphs: bool | None = None,
     micro_batch_tokens: int | None = DEFAULT_MICRO_BATCH_TOKENS,
 ) -> tuple[PackedESM2, esm.data.Alphabet]:
@@ -485,6 +498,8 @@ def load_esm2_model(
     records the choice). None (default): compiled on CUDA, eager elsewhere; False forces eager.
     gemm: "auto", "cublas" or "quack": how fc1 + GELU and QKV + rotary run
     (`PackedESM2.set_gemm_backend`; auto picks quack's epilogue GEMMs on 9.x GPUs in fp16/bf16 where quack-kernels is installed).
+    norm: "auto", "torch" or "triton": how the residual adds + LayerNorms run
+    (`PackedESM2.set_norm_backend`; auto picks esmflash's Triton kernel on CUDA).
     cuda_graphs: replay repeated batch shapes as CUDA graphs (`PackedESM2.set_cuda_graphs`);
     None (default): on for CUDA. micro_batch_tokens: the most tokens one pass runs; larger
     batches run as pieces of whole sequences (`PackedESM2.set_micro_batch_tokens`; default
@@ -515,6 +530,7 @@ def load_esm2_model(
     model.precision = precision
     model.set_attention_backend(attention)
     model.set_gemm_backend(gemm)
+    model.set_norm_backend(norm)
     model.set_compile(compile)
     model.set_cuda_graphs(cuda_graphs)
     model.set_micro_batch_tokens(micro_batch_tokens)
@@ -523,10 +539,10 @@ def load_esm2_model(
 
 def cast_model(
     model: PackedESM2, precision: str, attention: str = "auto", *, compile: bool | None = None,
-    gemm: str = "auto",
+    gemm: str = "auto", norm: str = "auto",
 ) -> PackedESM2:
     """A copy of `model` with the same weights in another precision (for fp32-reference checks).
-    attention, gemm: the copy's backends ("auto" resolves for the new dtype). compile: the copy's
+    attention, gemm, norm: the copy's backends ("auto" resolves for the new dtype). compile: the copy's
     `set_compile` choice (None keeps the model's)."""
     import copy
 
@@ -534,6 +550,7 @@ def cast_model(
     other.precision = precision
     other.set_attention_backend(attention)
     other.set_gemm_backend(gemm)
+    other.set_norm_backend(norm)
     if compile is not None:
         other.set_compile(compile, model.compile_mode if compile else None)
     return other

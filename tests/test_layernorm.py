@@ -1,0 +1,140 @@
+"""The residual add + LayerNorm step (esmflash.layernorm) on CPU: the reference math against
+fair-esm's ops, the layer functions with norm "torch" unchanged, backend selection, and the
+Triton kernel itself run by Triton's interpreter (where Triton is installed) against the
+reference. The kernel on a GPU: tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_engine import _load
+
+from esmflash import BackendUnavailableError
+from esmflash.attention import has_module
+from esmflash.fused import attention_output, attention_output_and_next_inputs, residual_layer_norm
+from esmflash.layernorm import add_layer_norm_reference, launch_config, resolve_norm_backend
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode():
+    with torch.no_grad():
+        yield
+
+
+def _operands(t: int, d: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = (4 * torch.randn(t, d, generator=g)).to(dtype)  # a residual stream well away from zero mean
+    y = torch.randn(t, d, generator=g).to(dtype)
+    bias, ln_bias = (0.1 * torch.randn(d, generator=g)).to(dtype), torch.randn(d, generator=g).to(dtype)
+    weight = (1 + 0.1 * torch.randn(d, generator=g)).to(dtype)
+    return x, y, bias, weight, ln_bias
+
+
+def test_reference_is_the_fp32_sum_rounded_once_and_its_layer_norm():
+    x, y, bias, weight, ln_bias = _operands(37, 320, torch.float16)
+    s, h = add_layer_norm_reference(x, y, bias, weight, ln_bias, 1e-5)
+    exact = x.double() + y.double() + bias.double()
+    assert s.dtype == h.dtype == torch.float16
+    # one rounding of the fp32 sum (fp32 holds fp16 + fp16 + fp16 sums of this size exactly)
+    assert torch.equal(s, exact.to(torch.float16))
+    mean = exact.mean(-1, keepdim=True)
+    want = (exact - mean) / torch.sqrt(exact.var(-1, unbiased=False, keepdim=True) + 1e-5) * weight.double() + ln_bias.double()
+    # h comes from the unrounded sum: within half an ulp of fp16 (plus fp32 arithmetic) of exact
+    assert ((h.double() - want).abs() <= want.abs() * 2.0**-11 + 1e-3).all()
+    # rounding the sum first (what a GEMM epilogue would do) gives a different LayerNorm
+    rounded = F.layer_norm(s.float(), (320,), weight.float(), ln_bias.float(), 1e-5).half()
+    assert not torch.equal(rounded, h)
+
+
+def test_residual_layer_norm_torch_is_the_plain_ops():
+    x, _, bias, weight, ln_bias = _operands(11, 64, torch.float32)
+    inp = torch.randn(11, 96)
+    w = torch.randn(64, 96)
+    s, h = residual_layer_norm(x, inp, w, bias, weight, ln_bias, 1e-5, "torch")
+    want = x + F.linear(inp, w, bias)
+    assert torch.equal(s, want)
+    assert torch.equal(h, F.layer_norm(want, (64,), weight, ln_bias, 1e-5))
+
+
+def test_layer_boundary_with_torch_norm_equals_output_then_inputs():
+    """attention_output_and_next_inputs (norm "torch") = attention_output, then attention_inputs
+    of the next layer: the restructured boundary computes what the two halves do."""
+    from esmflash.fused import attention_inputs_eager
+
+    model = _load("esm2_t6_8M_UR50D")[0]
+    t, d = 29, model.embed_dim
+    g = torch.Generator().manual_seed(1)
+    x, o = torch.randn(t, d, generator=g), torch.randn(t, model.attention_heads, model.head_dim, generator=g)
+    layer, nxt = model.layers[0], model.layers[1]
+    qkv = model._qkv_weights()
+    rotary = model._rotary_operands(torch.arange(t, dtype=torch.float32))
+    weights = model._output_weights(layer)
+    x1, q, k, v = attention_output_and_next_inputs(x, o, *weights, *model._input_weights(nxt, qkv[1]),
+                                                   model.head_dim, rotary, True)
+    x2 = attention_output(x, o, *weights)
+    q2, k2, v2 = attention_inputs_eager(x2, *model._input_weights(nxt, qkv[1]), model.head_dim, rotary)
+    for a, b in ((x1, x2), (q, q2), (k, k2), (v, v2)):
+        assert torch.equal(a, b)
+
+
+def test_norm_backend_selection_on_cpu():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert resolve_norm_backend("auto", "cpu", dtype) == "torch"
+    with pytest.raises(BackendUnavailableError, match="norm backend 'triton' unavailable: .*CUDA"):
+        resolve_norm_backend("triton", "cpu", torch.float16)
+    with pytest.raises(BackendUnavailableError, match="unknown norm backend 'apex'"):
+        resolve_norm_backend("apex", "cpu", torch.float16)
+    model = _load("esm2_t6_8M_UR50D", norm="auto")[0]
+    assert model.norm_backend == "torch"
+    with pytest.raises(BackendUnavailableError):
+        model.set_norm_backend("triton")
+    assert model.norm_backend == "torch"
+
+
+def test_launch_configs_fit_registers():
+    for d in (320, 480, 640, 1280, 2560, 5120, 100, 7000):
+        block, rows, warps = launch_config(d)
+        assert block >= d and block & (block - 1) == 0 and block < 2 * d + 2
+        assert rows * block <= 8192 or rows == 1
+        assert 1 <= warps <= 16 and warps * 32 <= rows * block
+
+
+INTERPRETED = textwrap.dedent("""
+    import sys, torch
+    from esmflash.layernorm import add_layer_norm_reference, add_layer_norm_triton
+    from test_layernorm import _operands
+    # (T, D, dtype): pinned widths and odd ones; T not a multiple of the rows per program
+    for t, d, dtype in [(7, 1280, torch.float16), (5, 320, torch.float16), (3, 2560, torch.float32),
+                        (9, 480, torch.float16), (13, 100, torch.float16), (4, 640, torch.float32)]:
+        x, y, bias, w, b = _operands(t, d, dtype, seed=t)
+        s, h = add_layer_norm_triton(x, y, bias, w, b, 1e-5)
+        rs, rh = add_layer_norm_reference(x, y, bias, w, b, 1e-5)
+        assert torch.equal(s, rs), (t, d, dtype)
+        # half: one rounding apart at most; fp32: a few ulps (another summation order than torch's)
+        ulps = 1 if dtype != torch.float32 else 16
+        tol = ulps * torch.finfo(dtype).eps * rh.float().abs().clamp(min=1.0)
+        assert ((h.float() - rh.float()).abs() <= tol).all(), (t, d, dtype, (h.float() - rh.float()).abs().max())
+    s, h = add_layer_norm_triton(*_operands(0, 64, torch.float16), 1e-5)
+    assert s.shape == h.shape == (0, 64)
+    print("interpreted kernel ok")
+""")
+
+
+@pytest.mark.skipif(not has_module("triton"), reason="Triton is not installed")
+def test_triton_kernel_in_the_interpreter():
+    """The kernel's indexing, masks and math, run by Triton's interpreter on CPU tensors (bf16 is
+    left to the GPU test: the interpreter truncates where the GPU rounds to nearest)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(SRC), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "interpreted kernel ok" in done.stdout
