@@ -1,17 +1,18 @@
 """The residual add + LayerNorm between a layer's GEMMs, as one hand-written Triton kernel.
 
   add_layer_norm(x, y, bias, weight, ln_bias, eps) -> (s, h)
-      s = x + (y + bias)          the new residual stream, summed in fp32 and rounded once
-      h = LayerNorm(s)            of the unrounded fp32 sum, rounded once
+      s = x + (y + bias)          the new residual stream: summed in fp32, rounded once
+      h = LayerNorm(s)            of s as stored (rounded), in fp32, rounded once
       x, y [T, D] (y: a GEMM's output without its bias), bias, weight, ln_bias [D] -> s, h [T, D]
 
 Both of a pre-LN layer's residual adds feed a LayerNorm (out_proj's feeds the MLP's, fc2's the
 next layer's attention LayerNorm), so each is one pass that reads y and x and writes s and h:
-8 bytes per element in fp16/bf16, the least this step can move while LayerNorm reads the unrounded
-sum (folding the add into the GEMM's epilogue instead rounds the residual before every LayerNorm,
-which cost accuracy; benchmarks/NOTES.md). The math is the compiled path's (inductor fuses the
-same ops into one kernel, in fp32, with the same roundings); the kernel itself is written for
-the bandwidth of this one shape: whole rows in registers, several rows per program for narrow
+8 bytes per element in fp16/bf16. The math and the roundings are those of the compiled path,
+where inductor fuses `x + F.linear(...)` and `F.layer_norm` into one kernel that also normalizes
+the rounded sum. Normalizing the unrounded fp32 sum instead, which looks more exact, raised the
+650M's mean error against fp32 by 21% (fp16; H200; benchmarks/NOTES.md, eighth round), as did
+earlier variants that changed where the residual is rounded. The kernel is written for the
+bandwidth of this one shape: whole rows in registers, several rows per program for narrow
 models, two-pass mean/variance over the registers, a pinned launch shape per D.
 
 Backends ("norm" of the packed forward, `resolve_norm_backend`):
@@ -65,10 +66,10 @@ def resolve_norm_backend(name: str, device: torch.device | str, dtype: torch.dty
 
 def add_layer_norm_reference(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor,
                              ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`add_layer_norm` in PyTorch ops, any device: the same fp32 math and the same two roundings."""
-    s = x.float() + (y.float() + bias.float())
-    h = torch.nn.functional.layer_norm(s, (s.shape[-1],), weight.float(), ln_bias.float(), eps)
-    return s.to(x.dtype), h.to(x.dtype)
+    """`add_layer_norm` in PyTorch ops, any device: the same fp32 math and the same roundings."""
+    s = (x.float() + (y.float() + bias.float())).to(x.dtype)
+    h = torch.nn.functional.layer_norm(s.float(), (s.shape[-1],), weight.float(), ln_bias.float(), eps)
+    return s, h.to(x.dtype)
 
 
 # Launch shape per row width: {BLOCK_D: (rows per program, warps)}, BLOCK_D = D rounded up to a
@@ -105,8 +106,9 @@ def _kernel():
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        s = x + (y + bias)
-        tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+        s = (x + (y + bias)).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + offs, s, mask=mask)
+        s = s.to(tl.float32)  # LayerNorm of the stored (rounded) sum, as inductor's fusion
         mean = tl.sum(s, axis=1) / D
         c = tl.where(col_ok, s - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
@@ -155,5 +157,5 @@ def add_layer_norm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, weight:
                    ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """s = x + (y + bias) and h = LayerNorm(s) (weight, ln_bias, eps) in one Triton kernel: x, y
     [T, D] CUDA, bias/weight/ln_bias [D] -> (s, h) [T, D] in x's dtype, fp32 math, h from the
-    unrounded sum. The backend "triton" of `resolve_norm_backend`."""
+    sum as stored (module docstring). The backend "triton" of `resolve_norm_backend`."""
     return _add_layer_norm_op(x, y, bias, weight, ln_bias, eps)
