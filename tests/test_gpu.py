@@ -293,41 +293,48 @@ def test_qkv_rotary_epilogue(reference, precision):
 
 @torch.no_grad()
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
-def test_add_layer_norm_kernel(precision):
-    """esmflash's Triton add + LayerNorm kernel against its reference math and against inductor's
-    fusion of the same ops: the residual sum bit for bit, the LayerNorm within one rounding (fp32:
-    a few ulps), at the pinned widths and odd ones, with T not a multiple of the rows per program;
-    and inside a CUDA graph."""
-    from esmflash.layernorm import add_layer_norm, add_layer_norm_reference
+def test_add_layer_norm_kernels(precision):
+    """esmflash's Triton residual + LayerNorm kernels against their reference math and against
+    inductor's fusion of the layer's own ops (x + a, LayerNorm, + m, LayerNorm, as in
+    fused.attention_output_and_next_inputs with norm "torch"): the new residual bit for bit, the
+    LayerNorms within one rounding (fp32: a few ulps), at the pinned widths and odd ones, with T
+    not a multiple of the rows per program; and inside a CUDA graph."""
+    from esmflash.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm_of_sum
 
     dtype = PRECISIONS[precision]
     ulps = 16 if dtype == torch.float32 else 1
 
-    def add_norm(x, y, bias, w, b):
-        s = x + (y + bias)
-        return s, torch.nn.functional.layer_norm(s, (s.shape[1],), w, b, 1e-5)
+    def boundary(x, a, m, w1, b1, w2, b2):
+        x = x + a
+        h1 = torch.nn.functional.layer_norm(x, (x.shape[1],), w1, b1, 1e-5)
+        x = x + m
+        return x, h1, torch.nn.functional.layer_norm(x, (x.shape[1],), w2, b2, 1e-5)
 
-    inductor = torch.compile(add_norm)
+    inductor = torch.compile(boundary)
     g = torch.Generator(device="cuda").manual_seed(0)
     for t, d in ((3001, 1280), (1001, 2560), (777, 320), (513, 480), (65, 100), (129, 5120)):
         x = (4 * torch.randn(t, d, device="cuda", generator=g)).to(dtype)
-        y = torch.randn(t, d, device="cuda", generator=g).to(dtype)
-        bias, b = (0.1 * torch.randn(2, d, device="cuda", generator=g)).to(dtype)
-        w = (1 + 0.1 * torch.randn(d, device="cuda", generator=g)).to(dtype)
-        s, h = add_layer_norm(x, y, bias, w, b, 1e-5)
-        refs = [("reference", add_layer_norm_reference(x, y, bias, w, b, 1e-5))]
+        a, m = torch.randn(2, t, d, device="cuda", generator=g).to(dtype)
+        w1, w2 = (1 + 0.1 * torch.randn(2, d, device="cuda", generator=g)).to(dtype)
+        b1, b2 = torch.randn(2, d, device="cuda", generator=g).to(dtype)
+        h1 = layer_norm_of_sum(x, a, w1, b1, 1e-5)
+        s, h2 = add_layer_norm(x, a, m, w2, b2, 1e-5)
+        refs = [("reference", (add_layer_norm_reference(x, a, m, w2, b2, 1e-5)[0],
+                               add_layer_norm_reference(x, a, None, w1, b1, 1e-5)[1],
+                               add_layer_norm_reference(x, a, m, w2, b2, 1e-5)[1]))]
         if d in (1280, 2560):  # the 650M and 3B widths (each compile takes seconds)
-            refs.append(("inductor", inductor(x, y, bias, w, b)))
-        for name, (rs, rh) in refs:
+            refs.append(("inductor", inductor(x, a, m, w1, b1, w2, b2)))
+        for name, (rs, rh1, rh2) in refs:
             assert torch.equal(s, rs), (name, t, d)
-            tol = ulps * torch.finfo(dtype).eps * rh.float().abs().clamp(min=1.0)
-            assert ((h.float() - rh.float()).abs() <= tol).all(), (name, t, d, (h.float() - rh.float()).abs().max().item())
+            for which, h, rh in (("h1", h1, rh1), ("h2", h2, rh2)):
+                tol = ulps * torch.finfo(dtype).eps * rh.float().abs().clamp(min=1.0)
+                assert ((h.float() - rh.float()).abs() <= tol).all(), (name, which, t, d, (h.float() - rh.float()).abs().max().item())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        gs, gh = add_layer_norm(x, y, bias, w, b, 1e-5)
+        gs, gh = add_layer_norm(x, a, m, w2, b2, 1e-5)
     x.mul_(-1)
     graph.replay()
-    s, h = add_layer_norm(x, y, bias, w, b, 1e-5)
+    s, h = add_layer_norm(x, a, m, w2, b2, 1e-5)
     assert torch.equal(gs, s) and torch.equal(gh, h)
 
 

@@ -18,7 +18,7 @@ from test_engine import _load
 
 from esmflash import BackendUnavailableError
 from esmflash.attention import has_module
-from esmflash.fused import attention_output, attention_output_and_next_inputs, residual_layer_norm
+from esmflash.fused import attention_output, attention_output_and_next_inputs
 from esmflash.layernorm import add_layer_norm_reference, launch_config, resolve_norm_backend
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -31,50 +31,26 @@ def _inference_mode():
 
 
 def _operands(t: int, d: int, dtype: torch.dtype, seed: int = 0):
+    """x (a residual stream well away from zero mean), a, m [T, D]; LayerNorm weight, bias [D]."""
     g = torch.Generator().manual_seed(seed)
-    x = (4 * torch.randn(t, d, generator=g)).to(dtype)  # a residual stream well away from zero mean
-    y = torch.randn(t, d, generator=g).to(dtype)
-    bias, ln_bias = (0.1 * torch.randn(d, generator=g)).to(dtype), torch.randn(d, generator=g).to(dtype)
+    x = (4 * torch.randn(t, d, generator=g)).to(dtype)
+    a, m = (torch.randn(t, d, generator=g).to(dtype) for _ in range(2))
     weight = (1 + 0.1 * torch.randn(d, generator=g)).to(dtype)
-    return x, y, bias, weight, ln_bias
+    return x, a, m, weight, torch.randn(d, generator=g).to(dtype)
 
 
-def test_reference_rounds_the_fp32_sum_once_and_normalizes_it_as_stored():
-    x, y, bias, weight, ln_bias = _operands(37, 320, torch.float16)
-    s, h = add_layer_norm_reference(x, y, bias, weight, ln_bias, 1e-5)
-    exact = x.double() + y.double() + bias.double()
+def test_reference_rounds_the_residual_once_per_layer():
+    x, a, m, weight, ln_bias = _operands(37, 320, torch.float16)
+    exact = x.double() + a.double() + m.double()  # fp32 holds these fp16 sums exactly
+    s, h = add_layer_norm_reference(x, a, m, weight, ln_bias, 1e-5)
     assert s.dtype == h.dtype == torch.float16
-    # one rounding of the fp32 sum (fp32 holds fp16 + fp16 + fp16 sums of this size exactly)
-    assert torch.equal(s, exact.to(torch.float16))
-    # h is the LayerNorm of s as stored, not of the unrounded sum: the compiled path's numerics
-    assert torch.equal(h, F.layer_norm(s.float(), (320,), weight.float(), ln_bias.float(), 1e-5).half())
-    unrounded = F.layer_norm(exact.float(), (320,), weight.float(), ln_bias.float(), 1e-5).half()
-    assert not torch.equal(unrounded, h)
-
-
-def test_reference_matches_torch_ops_compiled():
-    """inductor's fusion of `x + (y + b)` and F.layer_norm (on CPU here) normalizes the rounded
-    sum too: its outputs equal the reference's up to summation order."""
-    def add_norm(x, y, bias, w, b):
-        s = x + (y + bias)
-        return s, F.layer_norm(s, (s.shape[1],), w, b, 1e-5)
-
-    x, y, bias, weight, ln_bias = _operands(64, 480, torch.bfloat16)
-    s, h = torch.compile(add_norm)(x, y, bias, weight, ln_bias)
-    rs, rh = add_layer_norm_reference(x, y, bias, weight, ln_bias, 1e-5)
-    assert torch.equal(s, rs)
-    tol = torch.finfo(torch.bfloat16).eps * rh.float().abs().clamp(min=1.0)
-    assert ((h.float() - rh.float()).abs() <= tol).all()
-
-
-def test_residual_layer_norm_torch_is_the_plain_ops():
-    x, _, bias, weight, ln_bias = _operands(11, 64, torch.float32)
-    inp = torch.randn(11, 96)
-    w = torch.randn(64, 96)
-    s, h = residual_layer_norm(x, inp, w, bias, weight, ln_bias, 1e-5, "torch")
-    want = x + F.linear(inp, w, bias)
-    assert torch.equal(s, want)
-    assert torch.equal(h, F.layer_norm(want, (64,), weight, ln_bias, 1e-5))
+    assert torch.equal(s, exact.to(torch.float16))  # one rounding of the three-way sum
+    assert torch.equal(h, F.layer_norm(exact.float(), (320,), weight.float(), ln_bias.float(), 1e-5).half())
+    # the eager path's order: x + a rounded, then + m rounded; it differs
+    assert not torch.equal(s, (x + a) + m)
+    none, h1 = add_layer_norm_reference(x, a, None, weight, ln_bias, 1e-5)
+    assert none is None
+    assert torch.equal(h1, F.layer_norm(x.float() + a.float(), (320,), weight.float(), ln_bias.float(), 1e-5).half())
 
 
 def test_layer_boundary_with_torch_norm_equals_output_then_inputs():
@@ -127,14 +103,16 @@ INTERPRETED = textwrap.dedent("""
     # (T, D, dtype): pinned widths and odd ones; T not a multiple of the rows per program
     for t, d, dtype in [(7, 1280, torch.float16), (5, 320, torch.float16), (3, 2560, torch.float32),
                         (9, 480, torch.float16), (13, 100, torch.float16), (4, 640, torch.float32)]:
-        x, y, bias, w, b = _operands(t, d, dtype, seed=t)
-        s, h = add_layer_norm_triton(x, y, bias, w, b, 1e-5)
-        rs, rh = add_layer_norm_reference(x, y, bias, w, b, 1e-5)
-        assert torch.equal(s, rs), (t, d, dtype)
-        # half: one rounding apart at most; fp32: a few ulps (another summation order than torch's)
-        ulps = 1 if dtype != torch.float32 else 16
-        tol = ulps * torch.finfo(dtype).eps * rh.float().abs().clamp(min=1.0)
-        assert ((h.float() - rh.float()).abs() <= tol).all(), (t, d, dtype, (h.float() - rh.float()).abs().max())
+        x, a, m, w, b = _operands(t, d, dtype, seed=t)
+        for third in (m, None):
+            s, h = add_layer_norm_triton(x, a, third, w, b, 1e-5)
+            rs, rh = add_layer_norm_reference(x, a, third, w, b, 1e-5)
+            assert (s is None) == (third is None)
+            assert s is None or torch.equal(s, rs), (t, d, dtype)
+            # half: one rounding apart at most; fp32: a few ulps (another summation order than torch's)
+            ulps = 1 if dtype != torch.float32 else 16
+            tol = ulps * torch.finfo(dtype).eps * rh.float().abs().clamp(min=1.0)
+            assert ((h.float() - rh.float()).abs() <= tol).all(), (t, d, dtype, (h.float() - rh.float()).abs().max())
     s, h = add_layer_norm_triton(*_operands(0, 64, torch.float16), 1e-5)
     assert s.shape == h.shape == (0, 64)
     print("interpreted kernel ok")

@@ -1,16 +1,17 @@
-"""Time the residual add + LayerNorm step: inductor's fused kernel vs esmflash's Triton kernel.
+"""Time a layer's two residual + LayerNorm steps: inductor's fusions vs esmflash's Triton kernels.
 
-For each model width and precision, on T tokens of random data, it times
+For each model width and precision, on T tokens of random data, it times the pair
 
-  inductor  s = x + (y + bias); h = layer_norm(s) compiled by torch.compile with the forward's
-            options (fused.COMPILE_OPTIONS, tokens dynamic): what the compiled forward runs today
-  triton    esmflash.layernorm.add_layer_norm_triton at its pinned launch config and at every
-            (rows per program, warps) candidate
+  inductor  x1 = x + a; h1 = layer_norm(x1); x2 = x1 + m; h2 = layer_norm(x2), compiled by
+            torch.compile with the forward's options (fused.COMPILE_OPTIONS, tokens dynamic):
+            what the compiled forward runs with norm "torch" (two kernels)
+  triton    esmflash.layernorm: h1 from (x, a), then (x2, h2) from (x, a, m), at the pinned
+            launch config and at every (rows per program, warps) candidate
 
-and prints the median microseconds (CUDA events around a CUDA graph of `--calls` launches), the
-bandwidth (8 bytes per element in fp16/bf16: x, y read, s, h written) and the max |difference|
-of s and h from `add_layer_norm_reference` (same fp32 math). One JSON line per measurement; the
-last lines name the fastest config per width.
+and prints the median microseconds of the pair (CUDA events around a CUDA graph of `--calls`
+pairs), the bandwidth (8 tensor passes of [T, D]: 2 reads + 1 write, then 3 reads + 2 writes)
+and the max |difference| of x2 and h2 from `add_layer_norm_reference` (same fp32 math). One
+JSON line per measurement; the last lines name the fastest config per width.
 
     python tools/tune_norm.py --configs esm2_t33_650M_UR50D:fp16:16384,esm2_t36_3B_UR50D:fp16:8192
 """
@@ -36,18 +37,20 @@ from esmflash.perf import median, time_device  # noqa: E402
 EPS = 1e-5
 
 
-def _add_norm(x, y, bias, w, b):
-    s = x + (y + bias)
-    return s, F.layer_norm(s, (s.shape[1],), w, b, EPS)
+def _boundary(x, a, m, w, b):
+    x = x + a
+    h1 = F.layer_norm(x, (x.shape[1],), w, b, EPS)
+    x = x + m
+    return x, F.layer_norm(x, (x.shape[1],), w, b, EPS), h1
 
 
 def _compiled():
-    fn = torch.compile(_add_norm, dynamic=False, fullgraph=True, options=dict(COMPILE_OPTIONS))
+    fn = torch.compile(_boundary, dynamic=False, fullgraph=True, options=dict(COMPILE_OPTIONS))
 
-    def run(x, y, bias, w, b):
-        torch._dynamo.mark_dynamic(x, 0)
-        torch._dynamo.mark_dynamic(y, 0)
-        return fn(x, y, bias, w, b)
+    def run(x, a, m, w, b):
+        for t in (x, a, m):
+            torch._dynamo.mark_dynamic(t, 0)
+        return fn(x, a, m, w, b)
 
     return run
 
@@ -85,14 +88,18 @@ def main(argv: list[str] | None = None) -> int:
         name, precision, tokens = spec.split(":")
         d, dtype, t = ESM2_ARCHITECTURES[name][1], PRECISIONS[precision], int(tokens)
         g = torch.Generator(device=device).manual_seed(0)
-        x, y = (torch.randn(t, d, device=device, generator=g).to(dtype) for _ in range(2))
-        bias, b = (0.1 * torch.randn(d, device=device, generator=g)).to(dtype), torch.randn(d, device=device, generator=g).to(dtype)
+        x, a, m = (torch.randn(t, d, device=device, generator=g).to(dtype) for _ in range(3))
+        b = torch.randn(d, device=device, generator=g).to(dtype)
         w = (1 + 0.1 * torch.randn(d, device=device, generator=g)).to(dtype)
-        ref_s, ref_h = add_layer_norm_reference(x, y, bias, w, b, EPS)
-        nbytes = 4 * t * d * x.element_size()
+        ref_s, ref_h = add_layer_norm_reference(x, a, m, w, b, EPS)
+        nbytes = 8 * t * d * x.element_size()
+
+        def pair(rows=None, warps=None):
+            h1 = add_layer_norm_triton(x, a, None, w, b, EPS, rows, warps)[1]
+            return (*add_layer_norm_triton(x, a, m, w, b, EPS, rows, warps), h1)
 
         def report(kind, rows, warps, fn):
-            s, h = fn()
+            s, h, _ = fn()
             sec = _timed(fn, args.calls, args.repeats, device)
             row = {"model": name, "precision": precision, "tokens": t, "dim": d, "kind": kind, "rows": rows,
                    "warps": warps, "us": round(sec * 1e6, 2), "GBps": round(nbytes / sec / 1e9),
@@ -101,17 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
             return row
 
-        base = report("inductor", None, None, lambda: compiled(x, y, bias, w, b))
+        base = report("inductor", None, None, lambda: compiled(x, a, m, w, b))
         block, rows0, warps0 = launch_config(d)
         rows_list = [int(r) for r in args.rows.split(",")]
         warps_list = [int(v) for v in args.warps.split(",")]
-        rows_out = [report("triton_pinned", rows0, warps0, lambda: add_layer_norm_triton(x, y, bias, w, b, EPS))]
+        rows_out = [report("triton_pinned", rows0, warps0, pair)]
         for rows in rows_list:
             for warps in warps_list:
                 if rows * block > 16384 or warps * 32 * 4 > rows * block:
                     continue  # too many registers, or fewer than 4 elements per thread
-                rows_out.append(report("triton", rows, warps,
-                                       lambda r=rows, v=warps: add_layer_norm_triton(x, y, bias, w, b, EPS, r, v)))
+                rows_out.append(report("triton", rows, warps, lambda r=rows, v=warps: pair(r, v)))
         top = min(rows_out, key=lambda r: r["us"])
         best.append({"model": name, "precision": precision, "dim": d, "block": block, "inductor_us": base["us"],
                      "pinned_us": rows_out[0]["us"], "best_rows": top["rows"], "best_warps": top["warps"],

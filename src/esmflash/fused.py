@@ -24,12 +24,12 @@ The rotary operands `rotary` (a pair of fp32 tensors) depend on the GEMM backend
             head's q/k rows interleaved (epilogue.interleave_rotary_rows), so q and k come out
             of attention_inputs in that order too (attention does not depend on it)
 
-The norm backend `norm` (esmflash.layernorm) runs each residual add that feeds a LayerNorm (out_proj
-into the MLP's, fc2 into the next layer's attention LayerNorm):
-  "torch"   x + F.linear(y, W, b), then F.layer_norm: separate kernels eager, one inductor
-            fusion compiled
-  "triton"  F.linear(y, W) without its bias, then layernorm.add_layer_norm: bias, residual add
-            and LayerNorm in one hand-written kernel, the same fp32 math as inductor's fusion
+The norm backend `norm` (esmflash.layernorm) runs the residual adds and the LayerNorms that read
+them (out_proj's into the MLP's LayerNorm, fc2's into the next layer's attention LayerNorm):
+  "torch"   x + F.linear(...), then F.layer_norm: separate kernels eager; compiled, inductor fuses
+            them and never rounds the mid-layer sum (it recomputes x + a in the second fusion)
+  "triton"  layernorm.layer_norm_of_sum and layernorm.add_layer_norm: the same fp32 math and
+            roundings in esmflash's hand-written kernels
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .epilogue import linear_gelu, qkv_rotary
-from .layernorm import add_layer_norm
+from .layernorm import add_layer_norm, layer_norm_of_sum
 
 # ----------------------------------------------------------------------------- fused QKV storage
 
@@ -143,25 +143,6 @@ def rotate_qk_(qk: torch.Tensor, cos_h: torch.Tensor, sin_h: torch.Tensor) -> to
 # ----------------------------------------------------------------------------- layer halves
 
 
-def residual_layer_norm(
-    x: torch.Tensor,
-    inp: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    eps: float,
-    norm: str = "torch",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A residual branch's output projection, the residual add and the LayerNorm that reads the
-    sum: x [T, D], inp [T, K], weight [D, K], bias [D] -> (x + inp W^T + b, LayerNorm of that),
-    both [T, D]. norm: "torch" or "triton" (module docstring)."""
-    if norm == "triton":
-        return add_layer_norm(x, F.linear(inp, weight), bias, ln_weight, ln_bias, eps)
-    x = x + F.linear(inp, weight, bias)
-    return x, F.layer_norm(x, (x.shape[1],), ln_weight, ln_bias, eps)
-
-
 def project_qkv(
     h: torch.Tensor,
     qkv_weight: torch.Tensor,
@@ -225,10 +206,15 @@ def attention_output(
     """The rest of the layer after attention: x [T, D] residual stream, o [T, H, Dh] attention
     output -> x [T, D]. Exact (erf) GELU, as fair-esm. gemm: how fc1 + GELU runs, "cublas" (GELU
     as a PyTorch op, fused with the bias by torch.compile) or "quack" (bias and GELU in the GEMM's
-    epilogue; see esmflash.epilogue). norm: how out_proj's residual add + LayerNorm runs (module
-    docstring); fc2's residual add, with no LayerNorm after it here, is a PyTorch op."""
+    epilogue; see esmflash.epilogue). norm: how the residual adds + LayerNorm run (module
+    docstring); the last sum, with no LayerNorm after it here, is PyTorch ops either way."""
     t, d = x.shape
-    x, h = residual_layer_norm(x, o.reshape(t, d), out_weight, out_bias, ln_weight, ln_bias, eps, norm)
+    a = F.linear(o.reshape(t, d), out_weight, out_bias)
+    if norm == "triton":
+        h = layer_norm_of_sum(x, a, ln_weight, ln_bias, eps)
+        return x + a + F.linear(linear_gelu(h, fc1_weight, fc1_bias, gemm), fc2_weight, fc2_bias)
+    x = x + a
+    h = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
     return x + F.linear(linear_gelu(h, fc1_weight, fc1_bias, gemm), fc2_weight, fc2_bias)
 
 
@@ -256,13 +242,21 @@ def attention_output_and_next_inputs(
     norm: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`attention_output` of one layer and `attention_inputs` of the next, across the layer
-    boundary: x [T, D], o [T, H, Dh] -> x [T, D], q, k, v [T, H, Dh]. Both residual adds feed a
-    LayerNorm here, so both run as `residual_layer_norm` (one pass over x each: compiled, an
-    inductor fusion; norm "triton", the hand-written kernel)."""
+    boundary: x [T, D], o [T, H, Dh] -> x [T, D], q, k, v [T, H, Dh]. Both residual sums feed a
+    LayerNorm here: compiled with norm "torch", inductor fuses each sum with its LayerNorm (and
+    recomputes the mid-layer sum rather than round it); norm "triton" runs the same as two
+    hand-written kernels (esmflash.layernorm)."""
     t, d = x.shape
-    x, h = residual_layer_norm(x, o.reshape(t, d), out_weight, out_bias, ln_weight, ln_bias, eps, norm)
-    g = linear_gelu(h, fc1_weight, fc1_bias, gemm)
-    x, h = residual_layer_norm(x, g, fc2_weight, fc2_bias, next_ln_weight, next_ln_bias, next_eps, norm)
+    a = F.linear(o.reshape(t, d), out_weight, out_bias)
+    if norm == "triton":
+        h = layer_norm_of_sum(x, a, ln_weight, ln_bias, eps)
+        m = F.linear(linear_gelu(h, fc1_weight, fc1_bias, gemm), fc2_weight, fc2_bias)
+        x, h = add_layer_norm(x, a, m, next_ln_weight, next_ln_bias, next_eps)
+    else:
+        x = x + a
+        h = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
+        x = x + F.linear(linear_gelu(h, fc1_weight, fc1_bias, gemm), fc2_weight, fc2_bias)
+        h = F.layer_norm(x, (d,), next_ln_weight, next_ln_bias, next_eps)
     return (x, *project_qkv(h, next_qkv_weight, next_qkv_bias, head_dim, rotary, in_place, gemm))
 
 

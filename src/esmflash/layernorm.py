@@ -1,26 +1,30 @@
-"""The residual add + LayerNorm between a layer's GEMMs, as one hand-written Triton kernel.
+"""The residual adds + LayerNorms between a layer's GEMMs, as hand-written Triton kernels.
 
-  add_layer_norm(x, y, bias, weight, ln_bias, eps) -> (s, h)
-      s = x + (y + bias)          the new residual stream: summed in fp32, rounded once
-      h = LayerNorm(s)            of s as stored (rounded), in fp32, rounded once
-      x, y [T, D] (y: a GEMM's output without its bias), bias, weight, ln_bias [D] -> s, h [T, D]
+A pre-LN layer adds two branches to its residual stream x, and each sum feeds a LayerNorm:
 
-Both of a pre-LN layer's residual adds feed a LayerNorm (out_proj's feeds the MLP's, fc2's the
-next layer's attention LayerNorm), so each is one pass that reads y and x and writes s and h:
-8 bytes per element in fp16/bf16. The math and the roundings are those of the compiled path,
-where inductor fuses `x + F.linear(...)` and `F.layer_norm` into one kernel that also normalizes
-the rounded sum. Normalizing the unrounded fp32 sum instead, which looks more exact, raised the
-650M's mean error against fp32 by 21% (fp16; H200; benchmarks/NOTES.md, eighth round), as did
-earlier variants that changed where the residual is rounded. The kernel is written for the
-bandwidth of this one shape: whole rows in registers, several rows per program for narrow
-models, two-pass mean/variance over the registers, a pinned launch shape per D.
+  a = out_proj(attention)          (cuBLAS, bias in its epilogue)
+  h = LayerNorm(x + a)             layer_norm_of_sum(x, a, ...)       -> h
+  m = fc2(gelu(fc1(h)))            (bias in fc2's epilogue)
+  x' = x + a + m; h' = LayerNorm'(x')   add_layer_norm(x, a, m, ...)   -> (x', h')
+
+      x, a, m [T, D]; weight, ln_bias [D] (the LayerNorm's); sums and LayerNorms in fp32
+
+The mid-layer sum x + a is never rounded or stored: the second kernel reads x and a again and
+adds m, so the residual stream is rounded once per layer (x'), and each LayerNorm reads its fp32
+sum. That is what inductor makes of the same PyTorch ops in the compiled path (its generated
+code recomputes x + a instead of storing it), and what keeps that path's error against fp32
+lower than the eager path's, which rounds x + a; a first version of this kernel that rounded it
+raised the 650M fp16 mean error by 21% (H200; benchmarks/NOTES.md, eighth round). Traffic per
+layer: 3 + 5 tensor passes of [T, D], inductor's too; the kernels are written for its bandwidth:
+whole rows in registers, several rows per program for narrow models, two-pass mean/variance
+over the registers, a pinned launch shape per D.
 
 Backends ("norm" of the packed forward, `resolve_norm_backend`):
 
-  "torch"   PyTorch ops (x + F.linear(..., bias), then F.layer_norm): the eager path runs them as
+  "torch"   PyTorch ops (x + F.linear(...), then F.layer_norm): the eager path runs them as
             separate kernels, the compiled path lets inductor fuse them.
-  "triton"  this module's kernel (CUDA, Triton installed); a torch custom op, so a compiled layer
-            keeps it as one opaque kernel.
+  "triton"  this module's kernels (CUDA, Triton installed); torch custom ops, so a compiled
+            layer keeps each as one opaque kernel.
 """
 
 from __future__ import annotations
@@ -64,12 +68,15 @@ def resolve_norm_backend(name: str, device: torch.device | str, dtype: torch.dty
     return name
 
 
-def add_layer_norm_reference(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor,
-                             ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`add_layer_norm` in PyTorch ops, any device: the same fp32 math and the same roundings."""
-    s = (x.float() + (y.float() + bias.float())).to(x.dtype)
-    h = torch.nn.functional.layer_norm(s.float(), (s.shape[-1],), weight.float(), ln_bias.float(), eps)
-    return s, h.to(x.dtype)
+def add_layer_norm_reference(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None, weight: torch.Tensor,
+                             ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The kernels' math in PyTorch ops, any device: m None -> (None, LayerNorm(x + a)); else
+    (x + a + m rounded once, LayerNorm of the unrounded sum). fp32 sums, outputs in x's dtype."""
+    total = x.float() + a.float()
+    if m is not None:
+        total = total + m.float()
+    h = torch.nn.functional.layer_norm(total, (total.shape[-1],), weight.float(), ln_bias.float(), eps)
+    return (None if m is None else total.to(x.dtype)), h.to(x.dtype)
 
 
 # Launch shape per row width: {BLOCK_D: (rows per program, warps)}, BLOCK_D = D rounded up to a
@@ -96,21 +103,20 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def add_layer_norm_kernel(x_ptr, y_ptr, bias_ptr, w_ptr, b_ptr, s_ptr, h_ptr, T, D, eps,
-                              BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    def add_layer_norm_kernel(x_ptr, a_ptr, m_ptr, w_ptr, b_ptr, s_ptr, h_ptr, T, D, eps,
+                              BLOCK_D: tl.constexpr, ROWS: tl.constexpr, HAS_M: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
         cols = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
         col_ok = cols < D
         mask = (rows < T) & col_ok
         offs = rows * D + cols
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        s = (x + (y + bias)).to(s_ptr.dtype.element_ty)
-        tl.store(s_ptr + offs, s, mask=mask)
-        s = s.to(tl.float32)  # LayerNorm of the stored (rounded) sum, as inductor's fusion
-        mean = tl.sum(s, axis=1) / D
-        c = tl.where(col_ok, s - mean[:, None], 0.0)
+        total = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        total += tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_M:
+            total += tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(s_ptr + offs, total.to(s_ptr.dtype.element_ty), mask=mask)
+        mean = tl.sum(total, axis=1) / D
+        c = tl.where(col_ok, total - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -119,43 +125,63 @@ def _kernel():
     return add_layer_norm_kernel
 
 
-def add_layer_norm_triton(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor,
+def add_layer_norm_triton(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | None, weight: torch.Tensor,
                           ln_bias: torch.Tensor, eps: float, rows: int | None = None,
-                          warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`add_layer_norm` through the Triton kernel (no custom-op wrapper): x and y [T, D] of one
-    dtype, bias/weight/ln_bias [D]. rows, warps: override `launch_config` (tuning only)."""
-    if x.shape != y.shape or x.dim() != 2 or x.dtype != y.dtype:
-        raise ValueError(f"add_layer_norm: x {tuple(x.shape)} {x.dtype} and y {tuple(y.shape)} {y.dtype} "
-                         "must be [T, D] of one dtype")
-    t, d = x.shape
-    for name, v in (("bias", bias), ("weight", weight), ("ln_bias", ln_bias)):
+                          warps: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`add_layer_norm_reference` through the Triton kernel (no custom-op wrapper): x, a and m
+    [T, D] of one dtype (m may be None), weight/ln_bias [D]. rows, warps: override
+    `launch_config` (tuning only)."""
+    t, d = x.shape if x.dim() == 2 else (0, -1)
+    for name, v in (("a", a), ("m", m)):
+        if v is not None and (v.shape != x.shape or x.dim() != 2 or v.dtype != x.dtype):
+            raise ValueError(f"add_layer_norm: x {tuple(x.shape)} {x.dtype} and {name} {tuple(v.shape)} {v.dtype} "
+                             "must be [T, D] of one dtype")
+    for name, v in (("weight", weight), ("ln_bias", ln_bias)):
         if v.shape != (d,):
             raise ValueError(f"add_layer_norm: {name} is {tuple(v.shape)}, expected ({d},)")
-    x, y = x.contiguous(), y.contiguous()
-    s, h = torch.empty_like(x), torch.empty_like(x)
+    x, a = x.contiguous(), a.contiguous()
+    m = m.contiguous() if m is not None else None
+    s, h = (torch.empty_like(x) if m is not None else None), torch.empty_like(x)
     if t == 0:
         return s, h
     block, default_rows, default_warps = launch_config(d)
     rows, warps = rows or default_rows, warps or default_warps
-    _kernel()[(-(-t // rows),)](x, y, bias, weight, ln_bias, s, h, t, d, float(eps),
-                                BLOCK_D=block, ROWS=rows, num_warps=warps)
+    _kernel()[(-(-t // rows),)](x, a, x if m is None else m, weight, ln_bias, h if s is None else s, h, t, d,
+                                float(eps), BLOCK_D=block, ROWS=rows, HAS_M=m is not None, num_warps=warps)
     return s, h
 
 
+@torch.library.custom_op("esmflash::layer_norm_of_sum", mutates_args=(), device_types="cuda")
+def _layer_norm_of_sum_op(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor,
+                          eps: float) -> torch.Tensor:
+    return add_layer_norm_triton(x, a, None, weight, ln_bias, eps)[1]
+
+
+@_layer_norm_of_sum_op.register_fake
+def _(x, a, weight, ln_bias, eps):
+    return torch.empty_like(x)
+
+
 @torch.library.custom_op("esmflash::add_layer_norm", mutates_args=(), device_types="cuda")
-def _add_layer_norm_op(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor,
+def _add_layer_norm_op(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor, weight: torch.Tensor,
                        ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return add_layer_norm_triton(x, y, bias, weight, ln_bias, eps)
+    return add_layer_norm_triton(x, a, m, weight, ln_bias, eps)
 
 
 @_add_layer_norm_op.register_fake
-def _(x, y, bias, weight, ln_bias, eps):
+def _(x, a, m, weight, ln_bias, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
 
-def add_layer_norm(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor,
-                   ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """s = x + (y + bias) and h = LayerNorm(s) (weight, ln_bias, eps) in one Triton kernel: x, y
-    [T, D] CUDA, bias/weight/ln_bias [D] -> (s, h) [T, D] in x's dtype, fp32 math, h from the
-    sum as stored (module docstring). The backend "triton" of `resolve_norm_backend`."""
-    return _add_layer_norm_op(x, y, bias, weight, ln_bias, eps)
+def layer_norm_of_sum(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """LayerNorm(x + a) (weight, ln_bias, eps) with the sum in fp32, never rounded nor stored: x, a
+    [T, D] CUDA -> h [T, D] in x's dtype. One Triton kernel (module docstring)."""
+    return _layer_norm_of_sum_op(x, a, weight, ln_bias, eps)
+
+
+def add_layer_norm(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + a + m rounded once, LayerNorm of that fp32 sum): x, a, m [T, D] CUDA -> (x', h) [T, D]
+    in x's dtype. One Triton kernel (module docstring)."""
+    return _add_layer_norm_op(x, a, m, weight, ln_bias, eps)
