@@ -133,10 +133,10 @@ def test_half_precision_accuracy_vs_stock(reference):
             ours = cast_model(reference, precision, "torch_flash", gemm="quack")
             report["rows"][f"esmflash {precision} packed (torch_flash, quack)"] = summarize(packed_outputs(ours))
             del ours
-        # the rows above run the default norm backend (the Triton add + LayerNorm kernel); this one
-        # the same path with inductor's fusion of the same ops
-        ours = cast_model(reference, precision, "torch_flash", gemm="cublas", norm="torch")
-        report["rows"][f"esmflash {precision} packed (torch_flash, torch norm)"] = summarize(packed_outputs(ours))
+        # the rows above run the default norm backend ("torch": inductor's fusions); this one the
+        # same path with esmflash's opt-in Triton residual + LayerNorm kernels
+        ours = cast_model(reference, precision, "torch_flash", gemm="cublas", norm="triton")
+        report["rows"][f"esmflash {precision} packed (torch_flash, triton norm)"] = summarize(packed_outputs(ours))
         del ours
         stock = copy.deepcopy(reference).to(dtype)
         report["rows"][f"stock fair-esm {precision} padded"] = summarize(stock_outputs(stock))
@@ -171,10 +171,10 @@ def test_half_precision_accuracy_vs_stock(reference):
         if row is not None:
             assert row["mean_rel_err"] <= 1.02 * bundled["mean_rel_err"], precision
             assert row["max_rel_err"] <= stock["max_rel_err"], precision
-        # the Triton add + LayerNorm kernel does inductor's fp32 math: no worse on average
-        torch_norm = rows[f"esmflash {precision} packed (torch_flash, torch norm)"]
-        assert bundled["mean_rel_err"] <= 1.02 * torch_norm["mean_rel_err"], precision
-        assert bundled["max_rel_err"] <= stock["max_rel_err"], precision
+        # the Triton residual + LayerNorm kernels round where inductor's fusions do: no worse on average
+        triton_norm = rows[f"esmflash {precision} packed (torch_flash, triton norm)"]
+        assert triton_norm["mean_rel_err"] <= 1.02 * bundled["mean_rel_err"], precision
+        assert triton_norm["max_rel_err"] <= stock["max_rel_err"], precision
 
 
 @torch.no_grad()
@@ -294,23 +294,18 @@ def test_qkv_rotary_epilogue(reference, precision):
 @torch.no_grad()
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
 def test_add_layer_norm_kernels(precision):
-    """esmflash's Triton residual + LayerNorm kernels against their reference math and against
-    inductor's fusion of the layer's own ops (x + a, LayerNorm, + m, LayerNorm, as in
-    fused.attention_output_and_next_inputs with norm "torch"): the new residual bit for bit, the
-    LayerNorms within one rounding (fp32: a few ulps), at the pinned widths and odd ones, with T
-    not a multiple of the rows per program; and inside a CUDA graph."""
+    """esmflash's Triton residual + LayerNorm kernels against their reference math: the new
+    residual bit for bit, the LayerNorms within one rounding (fp32: a few ulps), at the pinned
+    widths and odd ones, with T not a multiple of the rows per program; and inside a CUDA graph.
+    (Not against a standalone torch.compile of the same ops: on an H200 that graph's LayerNorm
+    disagreed by up to 4 ulps, as normalizing the rounded sum would, while the forward's own
+    compiled boundary graph reads the fp32 sum, as these kernels do; benchmarks/NOTES.md, eighth
+    round.)"""
     from esmflash.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm_of_sum
 
     dtype = PRECISIONS[precision]
     ulps = 16 if dtype == torch.float32 else 1
 
-    def boundary(x, a, m, w1, b1, w2, b2):
-        x = x + a
-        h1 = torch.nn.functional.layer_norm(x, (x.shape[1],), w1, b1, 1e-5)
-        x = x + m
-        return x, h1, torch.nn.functional.layer_norm(x, (x.shape[1],), w2, b2, 1e-5)
-
-    inductor = torch.compile(boundary)
     g = torch.Generator(device="cuda").manual_seed(0)
     for t, d in ((3001, 1280), (1001, 2560), (777, 320), (513, 480), (65, 100), (129, 5120)):
         x = (4 * torch.randn(t, d, device="cuda", generator=g)).to(dtype)
@@ -319,16 +314,12 @@ def test_add_layer_norm_kernels(precision):
         b1, b2 = torch.randn(2, d, device="cuda", generator=g).to(dtype)
         h1 = layer_norm_of_sum(x, a, w1, b1, 1e-5)
         s, h2 = add_layer_norm(x, a, m, w2, b2, 1e-5)
-        refs = [("reference", (add_layer_norm_reference(x, a, m, w2, b2, 1e-5)[0],
-                               add_layer_norm_reference(x, a, None, w1, b1, 1e-5)[1],
-                               add_layer_norm_reference(x, a, m, w2, b2, 1e-5)[1]))]
-        if d in (1280, 2560):  # the 650M and 3B widths (each compile takes seconds)
-            refs.append(("inductor", inductor(x, a, m, w1, b1, w2, b2)))
-        for name, (rs, rh1, rh2) in refs:
-            assert torch.equal(s, rs), (name, t, d)
-            for which, h, rh in (("h1", h1, rh1), ("h2", h2, rh2)):
-                tol = ulps * torch.finfo(dtype).eps * rh.float().abs().clamp(min=1.0)
-                assert ((h.float() - rh.float()).abs() <= tol).all(), (name, which, t, d, (h.float() - rh.float()).abs().max().item())
+        rs, rh2 = add_layer_norm_reference(x, a, m, w2, b2, 1e-5)
+        rh1 = add_layer_norm_reference(x, a, None, w1, b1, 1e-5)[1]
+        assert torch.equal(s, rs), (t, d)
+        for which, h, rh in (("h1", h1, rh1), ("h2", h2, rh2)):
+            tol = ulps * torch.finfo(dtype).eps * rh.float().abs().clamp(min=1.0)
+            assert ((h.float() - rh.float()).abs() <= tol).all(), (which, t, d, (h.float() - rh.float()).abs().max().item())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         gs, gh = add_layer_norm(x, a, m, w2, b2, 1e-5)

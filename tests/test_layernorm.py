@@ -128,3 +128,33 @@ def test_triton_kernel_in_the_interpreter():
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "interpreted kernel ok" in done.stdout
+
+
+def test_triton_norm_layer_path_on_cpu_and_past_the_recompile_limit():
+    """The "triton" norm path of the layer functions (on CPU its custom ops run the reference
+    math) gives the "torch" path's outputs in fp32, eager and compiled; and compiled variants
+    (dtype x norm backend, all cache entries of the same code objects) run even when dynamo's
+    recompile limit outside is 1 (fused.compile_limit)."""
+    from esmflash import cast_model, pack_sequences
+    from test_engine import acceptance_records
+
+    model = _load("esm2_t6_8M_UR50D", compile=True)[0]
+    batch = pack_sequences(acceptance_records(), model.alphabet, 2048)[0]
+    outs = {}
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for precision in ("fp32", "bf16"):
+            m = model if precision == "fp32" else cast_model(model, precision, "sdpa")
+            for impl in ("compiled", "eager"):
+                m.set_compile(impl == "compiled")
+                for norm in ("torch", "triton"):
+                    m.norm_backend = norm  # "triton" needs CUDA through set_norm_backend; the ops run here
+                    outs[precision, impl, norm] = m.forward_packed(batch, repr_layers=[6])["representations"][6]
+    model.set_compile(True)
+    model.norm_backend = "torch"
+    for impl in ("compiled", "eager"):
+        torch.testing.assert_close(outs["fp32", impl, "triton"], outs["fp32", impl, "torch"], rtol=1e-5, atol=1e-5)
+    # bf16: the two paths round the residual alike (once per layer) when compiled
+    ref = outs["fp32", "compiled", "torch"]
+    for norm in ("torch", "triton"):
+        err = (outs["bf16", "compiled", norm].float() - ref).abs().max() / ref.abs().max()
+        assert err < 0.05, (norm, err)

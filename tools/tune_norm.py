@@ -4,7 +4,8 @@ For each model width and precision, on T tokens of random data, it times the pai
 
   inductor  x1 = x + a; h1 = layer_norm(x1); x2 = x1 + m; h2 = layer_norm(x2), compiled by
             torch.compile with the forward's options (fused.COMPILE_OPTIONS, tokens dynamic):
-            what the compiled forward runs with norm "torch" (two kernels)
+            the ops the compiled forward runs with norm "torch" (two fused kernels; a standalone
+            graph may round differently from the forward's, see benchmarks/NOTES.md)
   triton    esmflash.layernorm: h1 from (x, a), then (x2, h2) from (x, a, m), at the pinned
             launch config and at every (rows per program, warps) candidate
 

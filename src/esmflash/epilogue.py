@@ -29,9 +29,10 @@ So the quack backend keeps a copy of every layer's QKV weight and bias in that o
 (`interleave_rotary_rows`; 3 D^2 + 3 D values per layer, +25% of the weights), next to the fused
 q/k/v parameters the cublas path and fair-esm read.
 
-out_proj and fc2 keep cuBLAS: their residual adds, compiled, fuse with the next LayerNorm, which
-then reads the unrounded fp32 sum; moving them into a GEMM epilogue rounds the residual stream
-before every LayerNorm and raised the mean error against fp32 by ~18% (benchmarks/NOTES.md).
+out_proj and fc2 keep cuBLAS: compiled, their residual adds fuse with the LayerNorms, and inductor
+recomputes the mid-layer sum instead of storing it, so the residual stream is rounded once per
+layer; moving the adds into GEMM epilogues rounds it twice and raised the mean error against fp32
+by ~18% (benchmarks/NOTES.md, fourth and eighth rounds).
 `quack_linear` still takes a residual, for tools/tune_epilogue.py.
 
 The quack kernels are JIT-compiled once per (tile config, dtypes, epilogue) and cached on disk by

@@ -267,6 +267,20 @@ attention_output_and_next_inputs_eager = functools.partial(attention_output_and_
 # ----------------------------------------------------------------------------- compiled halves
 
 
+# Every compiled variant of one layer function (GEMM backend x norm backend x dtype) is a cache
+# entry of the same code object, guarded by value, and dynamo refuses (fullgraph: raises) beyond
+# `recompile_limit` (default 8) such entries; one process legitimately holds more (the suite:
+# fp32, fp16, bf16 x cuBLAS/quack; the GPU test: also both norm backends). Compiled passes run
+# under this limit instead (`compile_limit`).
+RECOMPILE_LIMIT = 64
+
+
+def compile_limit():
+    """Context for calls of the compiled layer functions: dynamo's recompile limit raised to
+    RECOMPILE_LIMIT for them (~30 us to enter: once per pass, not per layer)."""
+    return torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit))
+
+
 def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
     for t in tensors:
         torch._dynamo.mark_dynamic(t, 0)

@@ -22,6 +22,7 @@ from esm.model.esm2 import ESM2
 from .attention import resolve_backend, varlen_attention
 from .epilogue import gemm_unavailable_reason, interleave_rotary_rows, resolve_gemm_backend, rotary_turns_table
 from .fused import (
+    compile_limit,
     compiled_layer_functions,
     eager_layer_functions,
     fuse_parameters,
@@ -390,6 +391,13 @@ class PackedESM2(ESM2):
                         check_layers: bool, check_output: bool = True) -> dict:
         """The layers of one pass. check_output=False leaves out the final NaN/Inf check (a host
         sync, which a CUDA graph capture cannot hold)."""
+        if self.forward_impl == "compiled":
+            with compile_limit():
+                return self._run_layers(batch, repr_layers, return_logits, check_layers, check_output)
+        return self._run_layers(batch, repr_layers, return_logits, check_layers, check_output)
+
+    def _run_layers(self, batch: PackedBatch, repr_layers: set[int], return_logits: bool, check_layers: bool,
+                    check_output: bool) -> dict:
         pre, post, boundary = self._layer_functions()
         qkv = self._qkv_weights()
         x = self._embed_packed(batch)
@@ -499,7 +507,7 @@ def load_esm2_model(
     gemm: "auto", "cublas" or "quack": how fc1 + GELU and QKV + rotary run
     (`PackedESM2.set_gemm_backend`; auto picks quack's epilogue GEMMs on 9.x GPUs in fp16/bf16 where quack-kernels is installed).
     norm: "auto", "torch" or "triton": how the residual adds + LayerNorms run
-    (`PackedESM2.set_norm_backend`; auto picks esmflash's Triton kernel on CUDA).
+    (`PackedESM2.set_norm_backend`; auto picks "torch"; "triton", esmflash's kernels, is opt-in).
     cuda_graphs: replay repeated batch shapes as CUDA graphs (`PackedESM2.set_cuda_graphs`);
     None (default): on for CUDA. micro_batch_tokens: the most tokens one pass runs; larger
     batches run as pieces of whole sequences (`PackedESM2.set_micro_batch_tokens`; default
