@@ -304,7 +304,7 @@ def eager_layer_functions(gemm: str = "cublas", norm: str = "torch") -> tuple[Ca
 def compiled_layer_functions(mode: str | None = None, gemm: str = "cublas",
                              norm: str = "torch") -> tuple[Callable, Callable, Callable]:
     """(attention_inputs, attention_output, attention_output_and_next_inputs) compiled by
-    torch.compile (inductor), with the same signatures (without in_place and gemm). mode:
+    torch.compile (inductor), with the same signatures (without in_place, gemm and norm). mode:
     torch.compile's mode ("default", "max-autotune", ...); None compiles with COMPILE_OPTIONS
     instead. gemm: the GEMM backend (esmflash.epilogue); norm: the norm backend of the residual
     adds (esmflash.layernorm). Compiled

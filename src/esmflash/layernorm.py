@@ -132,9 +132,11 @@ def add_layer_norm_triton(x: torch.Tensor, a: torch.Tensor, m: torch.Tensor | No
     """`add_layer_norm_reference` through the Triton kernel (no custom-op wrapper): x, a and m
     [T, D] of one dtype (m may be None), weight/ln_bias [D]. rows, warps: override
     `launch_config` (tuning only)."""
-    t, d = x.shape if x.dim() == 2 else (0, -1)
+    if x.dim() != 2:
+        raise ValueError(f"add_layer_norm: x must be [T, D], got {tuple(x.shape)}")
+    t, d = x.shape
     for name, v in (("a", a), ("m", m)):
-        if v is not None and (v.shape != x.shape or x.dim() != 2 or v.dtype != x.dtype):
+        if v is not None and (v.shape != x.shape or v.dtype != x.dtype):
             raise ValueError(f"add_layer_norm: x {tuple(x.shape)} {x.dtype} and {name} {tuple(v.shape)} {v.dtype} "
                              "must be [T, D] of one dtype")
     for name, v in (("weight", weight), ("ln_bias", ln_bias)):
