@@ -127,14 +127,15 @@ VERSION = BENCH_VERSION + ";attention=" + ",".join(
 )
 # Kernel sets of the timed engine. "bundled": what PyTorch alone ships (the attention pins above,
 # cuBLAS GEMMs); every series without "Hopper" in its name. "norm": the residual add + LayerNorm
-# backend (esmflash.layernorm), "torch" in both; the suite's run of commit 3a41f9e (results/h200)
-# pinned "triton" in both: that kernel's first form, faster and less accurate. "hopper": FlashAttention-4 and quack's
+# backend (esmflash.layernorm), "triton" in both (the engine's default for fp16/bf16 on CUDA; the
+# CPU tier runs "torch"). Commits 3638486..49274ab pinned "torch"; 3a41f9e pinned the kernel's
+# first form, faster and less accurate. "hopper": FlashAttention-4 and quack's
 # epilogue GEMMs, fc1 + GELU and (from b435eff) QKV + rotary (both arrive with flash-attn-4; compute capability 9.x, fp16 and
 # bf16), the fastest engine on an H100/H200; its series (ForwardPackedHopper, HopperMetrics) are
 # n/a wherever either is missing, so installing them never moves a bundled series.
 KERNEL_SETS = {
-    "bundled": {"attention": None, "gemm": "cublas", "norm": "torch"},
-    "hopper": {"attention": "fa4", "gemm": "quack", "norm": "torch"},
+    "bundled": {"attention": None, "gemm": "cublas", "norm": "triton"},
+    "hopper": {"attention": "fa4", "gemm": "quack", "norm": "triton"},
 }
 HOPPER_VERSION = VERSION + ";hopper=fa4+quack"
 HOPPER_GRID = (MODELS_BY_TIER["gpu"], HALF_PRECISIONS, LENGTH_CLASSES)

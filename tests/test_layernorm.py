@@ -81,6 +81,11 @@ def test_norm_backend_selection_on_cpu():
         resolve_norm_backend("triton", "cpu", torch.float16)
     with pytest.raises(BackendUnavailableError, match="unknown norm backend 'apex'"):
         resolve_norm_backend("apex", "cpu", torch.float16)
+    # on CUDA "auto" is the Triton kernels for half precisions (if Triton is installed), fp32 stays torch
+    half_on_cuda = "triton" if has_module("triton") else "torch"
+    assert resolve_norm_backend("auto", "cuda", torch.float16) == half_on_cuda
+    assert resolve_norm_backend("auto", "cuda", torch.bfloat16) == half_on_cuda
+    assert resolve_norm_backend("auto", "cuda", torch.float32) == "torch"
     model = _load("esm2_t6_8M_UR50D", norm="auto")[0]
     assert model.norm_backend == "torch"
     with pytest.raises(BackendUnavailableError):

@@ -24,9 +24,9 @@ Backends ("norm" of the packed forward, `resolve_norm_backend`):
   "torch"   PyTorch ops (x + F.linear(...), then F.layer_norm): the eager path runs them as
             separate kernels, the compiled path lets inductor fuse them.
   "triton"  this module's kernels (CUDA, Triton installed); torch custom ops, so a compiled
-            layer keeps each as one opaque kernel. Opt-in: "auto" picks "torch" until this
-            form's accuracy in the full forward has been measured on a GPU (the first form was
-            2-4% faster and less accurate; benchmarks/NOTES.md, eighth round).
+            layer keeps each as one opaque kernel. "auto" picks it for fp16/bf16 on CUDA: the
+            forward is 2-6% faster and, rounding where inductor does, as accurate as "torch"
+            (H200; benchmarks/NOTES.md, ninth round). fp32, the reference precision, stays "torch".
 """
 
 from __future__ import annotations
@@ -59,10 +59,11 @@ def norm_unavailable_reason(name: str, device: torch.device, dtype: torch.dtype)
 
 def resolve_norm_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
     """The norm backend to run: `name` itself if it can run here (else BackendUnavailableError
-    with the reason); "auto" picks "torch" (module docstring: "triton" is opt-in for now)."""
+    with the reason); "auto" picks "triton" for fp16/bf16 where it can run, else "torch"."""
     device = torch.device(device)
     if name == "auto":
-        return "torch"
+        half = dtype in (torch.float16, torch.bfloat16)
+        return "triton" if half and norm_unavailable_reason("triton", device, dtype) is None else "torch"
     reason = norm_unavailable_reason(name, device, dtype)
     if reason is not None:
         raise BackendUnavailableError(f"norm backend {name!r} unavailable: {reason}")

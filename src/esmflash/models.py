@@ -116,9 +116,10 @@ class PackedESM2(ESM2):
         return self.gemm_backend
 
     def set_norm_backend(self, name: str) -> str:
-        """Select how the residual adds and the LayerNorms that read them run: "auto" (= "torch"),
-        "torch" (PyTorch ops, fused by inductor when compiled) or "triton" (esmflash's Triton
-        kernels, CUDA, opt-in; see esmflash.layernorm). Returns the backend chosen."""
+        """Select how the residual adds and the LayerNorms that read them run: "auto" ("triton"
+        for fp16/bf16 on CUDA, else "torch"), "torch" (PyTorch ops, fused by inductor when
+        compiled) or "triton" (esmflash's Triton kernels, CUDA; see esmflash.layernorm). Returns
+        the backend chosen."""
         self.norm_backend = resolve_norm_backend(name, self.device, self.dtype)
         return self.norm_backend
 
