@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print("tune_epilogue: needs a CUDA GPU", file=sys.stderr)
         return 2
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda})", flush=True)
-    compiled = {name: torch.compile(fn, dynamic=False, options=dict(COMPILE_OPTIONS))
+    compiled = {name: torch.compile(fn, dynamic=False, options=dict(COMPILE_OPTIONS["triton"]))
                 for name, fn in (("gelu", _gelu), ("residual", _residual), ("qkv", _qkv_rope))}
     cublas_ms: dict[tuple, float] = {}  # (model, precision, role) -> ms
     best: dict[tuple, tuple[str, float]] = {}  # (model, precision, role) -> (quack config, ms)

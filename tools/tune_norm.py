@@ -3,7 +3,7 @@
 For each model width and precision, on T tokens of random data, it times the pair
 
   inductor  x1 = x + a; h1 = layer_norm(x1); x2 = x1 + m; h2 = layer_norm(x2), compiled by
-            torch.compile with the forward's options (fused.COMPILE_OPTIONS, tokens dynamic):
+            torch.compile with the forward's options (fused.COMPILE_OPTIONS["torch"], tokens dynamic):
             the ops the compiled forward runs with norm "torch" (two fused kernels; a standalone
             graph may round differently from the forward's, see benchmarks/NOTES.md)
   triton    esmflash.layernorm: h1 from (x, a), then (x2, h2) from (x, a, m), at the pinned
@@ -46,7 +46,7 @@ def _boundary(x, a, m, w, b):
 
 
 def _compiled():
-    fn = torch.compile(_boundary, dynamic=False, fullgraph=True, options=dict(COMPILE_OPTIONS))
+    fn = torch.compile(_boundary, dynamic=False, fullgraph=True, options=dict(COMPILE_OPTIONS["torch"]))
 
     def run(x, a, m, w, b):
         for t in (x, a, m):

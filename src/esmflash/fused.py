@@ -286,10 +286,21 @@ def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
         torch._dynamo.mark_dynamic(t, 0)
 
 
-# Inductor options of the compiled halves when no torch.compile mode is named: coordinate-descent
-# tuning of each Triton kernel's block sizes and warps at compile time (seconds, cached on disk).
-# With inductor's default configs the LayerNorm kernels moved ~1 TB/s on an H200.
-COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+# Inductor options of the compiled halves when no torch.compile mode is named, per norm backend.
+#   "torch"   coordinate-descent tuning of each Triton kernel's block sizes and warps at compile
+#             time (seconds, cached on disk): with inductor's default configs its LayerNorm
+#             fusions moved ~1 TB/s on an H200.
+#   "triton"  no benchmarking at compile time: every kernel runs inductor's first heuristic
+#             config. What is left to inductor here is pointwise (GELU; rotary with cuBLAS), and
+#             tuning those picked per process: the GELU pass of a 650M bf16 forward ran 3.8-4.1
+#             ms or 6.5 ms depending on the process that compiled it (the pick persists in
+#             inductor's disk cache), where the heuristic config ran 4.04-4.12 ms in three fresh
+#             processes and the forward 47.2-47.3 ms against 47.5-49.9 tuned (H200;
+#             benchmarks/NOTES.md, ninth round).
+COMPILE_OPTIONS = {
+    "torch": {"coordinate_descent_tuning": True},
+    "triton": {"coordinate_descent_tuning": False, "triton.autotune_pointwise": False},
+}
 
 
 def eager_layer_functions(gemm: str = "cublas", norm: str = "torch") -> tuple[Callable, Callable, Callable]:
@@ -305,13 +316,13 @@ def compiled_layer_functions(mode: str | None = None, gemm: str = "cublas",
                              norm: str = "torch") -> tuple[Callable, Callable, Callable]:
     """(attention_inputs, attention_output, attention_output_and_next_inputs) compiled by
     torch.compile (inductor), with the same signatures (without in_place, gemm and norm). mode:
-    torch.compile's mode ("default", "max-autotune", ...); None compiles with COMPILE_OPTIONS
+    torch.compile's mode ("default", "max-autotune", ...); None compiles with COMPILE_OPTIONS[norm]
     instead. gemm: the GEMM backend (esmflash.epilogue); norm: the norm backend of the residual
     adds (esmflash.layernorm). Compiled
     with dynamic=False and dim 0 (tokens) of every [T, ...] argument marked dynamic on each call:
     one graph each per model shape and dtype, reused by every layer and every batch size.
     Compilation happens on the first call, not here."""
-    how = {"mode": mode} if mode is not None else {"options": dict(COMPILE_OPTIONS)}
+    how = {"mode": mode} if mode is not None else {"options": dict(COMPILE_OPTIONS[norm])}
     pre = torch.compile(functools.partial(attention_inputs, gemm=gemm), dynamic=False, fullgraph=True, **how)
     post = torch.compile(functools.partial(attention_output, gemm=gemm, norm=norm), dynamic=False, fullgraph=True,
                          **how)

@@ -129,8 +129,8 @@ class PackedESM2(ESM2):
         first layer's LayerNorm + QKV + rotary, then one graph per layer boundary; attention
         stays eager; see esmflash.fused), "eager" plain
         PyTorch ops. enabled=None picks compiled on CUDA and eager elsewhere (the default of
-        `load_esm2_model`). `mode` is torch.compile's (None: esmflash's tuned options,
-        fused.COMPILE_OPTIONS). The first compiled forward per model shape and dtype compiles
+        `load_esm2_model`). `mode` is torch.compile's (None: esmflash's inductor options
+        for the norm backend, fused.COMPILE_OPTIONS). The first compiled forward per model shape and dtype compiles
         (seconds to a minute, cached on disk by inductor); later batch sizes do not recompile."""
         if enabled is None:
             enabled = self.device.type == "cuda"
