@@ -16,7 +16,7 @@ fair-esm: -1 is the last layer, 0 the embeddings), --long-policy error (sequence
 residues are refused; 'truncate' keeps the first 1022, 'chunk' embeds near-equal pieces of at
 most 1022 residues and stitches them back), --attention auto, --gemm auto (fc1 + GELU and QKV +
 rotary in quack's epilogue GEMMs on Hopper GPUs where quack-kernels is installed, cuBLAS elsewhere), --norm auto
-(the residual adds + LayerNorms as PyTorch ops; --norm triton: esmflash's Triton kernels, CUDA, opt-in), --seed 0 (used only for seeded
+(the residual adds + LayerNorms as esmflash's Triton kernels for fp16/bf16 on CUDA, PyTorch ops elsewhere), --seed 0 (used only for seeded
 random weights when no checkpoint is on disk), torch.compile'd layer halves on CUDA devices
 (the first batch pays seconds of compilation; --no-compile runs eager layers) and eager layers
 elsewhere (--compile forces compiled), CUDA graph replay of repeated batch shapes on CUDA devices
@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how fc1 + GELU and QKV + rotary run (default auto: quack's epilogue GEMMs on Hopper GPUs where "
                         "quack-kernels is installed, cuBLAS elsewhere)")
     p.add_argument("--norm", default="auto", metavar="{auto," + ",".join(NORM_BACKENDS) + "}",
-                   help="how the residual adds + LayerNorms run (default auto: PyTorch ops; triton: esmflash's "
-                        "Triton kernels on CUDA, opt-in)")
+                   help="how the residual adds + LayerNorms run (default auto: esmflash's Triton kernels for "
+                        "fp16/bf16 on CUDA, PyTorch ops elsewhere)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights used when no checkpoint is found")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the layers through torch.compile (default: on for CUDA devices, off "

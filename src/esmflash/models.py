@@ -508,7 +508,8 @@ def load_esm2_model(
     gemm: "auto", "cublas" or "quack": how fc1 + GELU and QKV + rotary run
     (`PackedESM2.set_gemm_backend`; auto picks quack's epilogue GEMMs on 9.x GPUs in fp16/bf16 where quack-kernels is installed).
     norm: "auto", "torch" or "triton": how the residual adds + LayerNorms run
-    (`PackedESM2.set_norm_backend`; auto picks "torch"; "triton", esmflash's kernels, is opt-in).
+    (`PackedESM2.set_norm_backend`; auto picks "triton", esmflash's kernels, for fp16/bf16 on CUDA
+    and "torch" elsewhere).
     cuda_graphs: replay repeated batch shapes as CUDA graphs (`PackedESM2.set_cuda_graphs`);
     None (default): on for CUDA. micro_batch_tokens: the most tokens one pass runs; larger
     batches run as pieces of whole sequences (`PackedESM2.set_micro_batch_tokens`; default
