@@ -121,7 +121,8 @@ PINNED_BACKEND = {
     "gpu": {"fp32": "sdpa", "fp16": "torch_flash", "bf16": "torch_flash"},
     "cpu": {"fp32": "sdpa", "fp16": "sdpa", "bf16": "sdpa"},
 }
-KERNEL_FAMILY = {"torch_flash": "pytorch_flash::flash_fwd", "flash_attn": "flash_fwd", "fa4": "flash"}
+KERNEL_FAMILY = {"torch_flash": "pytorch_flash::flash_fwd", "flash_attn": "flash_fwd", "fa4": "flash",
+                 "fa4+torch_flash": "flash"}
 VERSION = BENCH_VERSION + ";attention=" + ",".join(
     f"{tier}:{p}:{b}" for tier, pins in PINNED_BACKEND.items() for p, b in pins.items()
 )
@@ -132,10 +133,12 @@ VERSION = BENCH_VERSION + ";attention=" + ",".join(
 # first form, faster and less accurate. "hopper": FlashAttention-4 and quack's
 # epilogue GEMMs, fc1 + GELU and (from b435eff) QKV + rotary (both arrive with flash-attn-4; compute capability 9.x, fp16 and
 # bf16), the fastest engine on an H100/H200; its series (ForwardPackedHopper, HopperMetrics) are
-# n/a wherever either is missing, so installing them never moves a bundled series.
+# n/a wherever either is missing, so installing them never moves a bundled series. Its attention
+# is "fa4+torch_flash" from the commit after cb21de4 (batches of sequences <= 128 tokens, the
+# "short" class, run PyTorch's flash kernel; every other class still runs FA4), "fa4" before.
 KERNEL_SETS = {
     "bundled": {"attention": None, "gemm": "cublas", "norm": "triton"},
-    "hopper": {"attention": "fa4", "gemm": "quack", "norm": "triton"},
+    "hopper": {"attention": "fa4+torch_flash", "gemm": "quack", "norm": "triton"},
 }
 HOPPER_VERSION = VERSION + ";hopper=fa4+quack"
 HOPPER_GRID = (MODELS_BY_TIER["gpu"], HALF_PRECISIONS, LENGTH_CLASSES)

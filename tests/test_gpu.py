@@ -77,6 +77,38 @@ def test_flash_kernels_run(reference, precision, backend):
         verify_flashattention_active(model)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_fa4_tiles_agree(precision):
+    """FA4's forward at other tiles (the measurement hook of tools/tune_attention.py) gives what
+    FA4's own pick and PyTorch's flash kernel give, on packed lengths 3..1024 tokens; the
+    "fa4+torch_flash" backend runs exactly one of the two, picked by the longest sequence."""
+    from esmflash.attention import FA2_MAX_SEQLEN, fa4_forward, parse_fa4_tile, varlen_attention
+
+    dtype = PRECISIONS[precision]
+    reason = backend_unavailable_reason("fa4", torch.device("cuda"), dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    lengths = [len(s) + 2 for _, s in _records(8192)]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = torch.randn(3, sum(lengths), 20, 64, device="cuda", generator=g).to(dtype)
+    own = fa4_forward(q, k, v, cu, max(lengths), 0.125, None)
+    flash = varlen_attention("torch_flash", q, k, v, cu, max(lengths), 0.125)
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    for spec in ("128x128", "128x96", "192x112"):
+        out = fa4_forward(q, k, v, cu, max(lengths), 0.125, parse_fa4_tile(spec))
+        diffs = [(out.float() - ref.float()).abs().max().item() for ref in (own, flash)]
+        print(f"\n{precision} FA4 tile {spec}: max |diff| vs FA4's pick {diffs[0]:.2e}, vs torch_flash {diffs[1]:.2e}")
+        assert max(diffs) <= tol, (spec, diffs)
+    assert torch.equal(varlen_attention("fa4+torch_flash", q, k, v, cu, max(lengths), 0.125), own)
+    short = [n for n in lengths if n <= FA2_MAX_SEQLEN]  # the batch's short sequences, packed alone
+    cu_short = torch.tensor([0, *torch.tensor(short).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    qs, ks, vs = (t[: sum(short)] for t in (q, k, v))
+    assert torch.equal(varlen_attention("fa4+torch_flash", qs, ks, vs, cu_short, max(short), 0.125),
+                       varlen_attention("torch_flash", qs, ks, vs, cu_short, max(short), 0.125))
+
+
 def _per_sequence(outputs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([o.double().cpu() for o in outputs])
 

@@ -49,7 +49,7 @@ import esm  # noqa: E402
 import torch  # noqa: E402
 
 import esmflash  # noqa: E402
-from esmflash import load_esm2_model, pack_sequences, relative_errors  # noqa: E402
+from esmflash import attention, load_esm2_model, pack_sequences, relative_errors  # noqa: E402
 from esmflash.packing import PackedBatch  # noqa: E402
 from esmflash.perf import forward_flops, matmul_peak_flops, median, mfu_denominator, time_device  # noqa: E402
 
@@ -215,7 +215,8 @@ def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, 
 def print_row(row: dict) -> None:
     err = f"{row['max_rel_err']:.2e}" if "max_rel_err" in row else "n/a"
     print(
-        f"{row['model']:>20s} {row['precision']:>4s} {row['forward_impl']:>8s} {row['gemm']:>6s} {row['norm']:>6s} T={row['tokens']:>5d} "
+        f"{row['model']:>20s} {row['precision']:>4s} {row['forward_impl']:>8s} {row['gemm']:>6s} {row['norm']:>6s} "
+        f"fa4 tile {row.get('fa4_tile', 'engine')} T={row['tokens']:>5d} "
         f"first {row['first_call_s']:7.2f}s  {row['median_ms']:8.2f} ms  {row['tokens_per_s'] / 1e3:7.1f}k tok/s  "
         f"{row['tflops']:6.1f} TFLOP/s  MFU {row['mfu_pct']:5.1f}%  first-call peak {row['peak_mem_mib'] / 1024:6.2f} GiB "
         f"(+{row['activation_peak_mib'] / 1024:.2f})  activations {row['activation_bytes_per_token'] / 1024:.1f} KiB/token  "
@@ -228,6 +229,14 @@ def print_row(row: dict) -> None:
         parts = [f"{k} {v:.2f}" for k, v in ms.items() if k not in ("total", "idle", "gaps", "outside") and v > 0]
         print(f"{'':>20s} kernel ms: {', '.join(parts)}; all kernels {ms['total']:.2f}, GPU idle {ms['idle']:.2f} "
               f"(gaps between kernels {ms['gaps']:.2f}, outside the pass's kernels {ms['outside']:.2f})", flush=True)
+
+
+def fa4_tile_override(spec: str) -> dict | None:
+    """--fa4-tiles item -> esmflash.attention.FA4_TILE_OVERRIDE: None for the engine's table, {} for
+    FA4's own pick, else the parsed tile."""
+    if spec == "engine":
+        return None
+    return {} if spec == "fa4" else attention.parse_fa4_tile(spec)
 
 
 def emit(row: dict, args) -> None:
@@ -248,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--norms", default="auto", help="comma-separated norm backends (torch, triton, auto)")
     parser.add_argument("--length-class", default="mixed", help="the suite's length class of the batch "
                         "(short, medium, long, xlong, mixed)")
+    parser.add_argument("--fa4-tiles", default="engine",
+                        help="comma-separated FA4 forward tiles: engine (esmflash's table), fa4 (FA4's own pick) or "
+                             "TMxTN[:nors][:noov] (esmflash.attention.parse_fa4_tile)")
     parser.add_argument("--cuda-graphs", default="on", help="comma-separated: on, off (CUDA graph replay)")
     parser.add_argument("--micro-batches", default=None,
                         help="comma-separated micro_batch_tokens values (0: off; default: the engine's default)")
@@ -300,9 +312,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{model.weights_source}, attention {model.attention_backend}", flush=True)
             micro_batches = ([int(m) for m in args.micro_batches.split(",")] if args.micro_batches
                              else [model.micro_batch_tokens])
-            for impl, gemm, norm, graphs, micro, b in itertools.product(
-                    impls, args.gemms.split(","), args.norms.split(","), args.cuda_graphs.split(","), micro_batches, budgets):
+            for impl, gemm, norm, tile, graphs, micro, b in itertools.product(
+                    impls, args.gemms.split(","), args.norms.split(","), args.fa4_tiles.split(","),
+                    args.cuda_graphs.split(","), micro_batches, budgets):
                 try:
+                    attention.FA4_TILE_OVERRIDE = fa4_tile_override(tile)
                     model.set_cuda_graphs(graphs == "on")
                     model.set_compile(impl == "compiled", args.compile_mode)
                     model.set_gemm_backend(gemm)
@@ -318,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                     emit({**row, **env}, args)
                     free_cuda()
                     continue
+                row["fa4_tile"] = tile
                 print_row(row)
                 emit({**row, **env, "weights_source": model.weights_source}, args)
             del model

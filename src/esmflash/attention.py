@@ -4,6 +4,9 @@ All take q, k, v of shape [T, H, D] (T packed tokens, H heads, D head dim), int3
 [B+1] and the longest sequence as a host int, and return [T, H, D] in q's dtype. No backend
 attends across sequence boundaries and none is causal (ESM-2 is bidirectional).
 
+  "fa4+torch_flash"  per batch: "torch_flash" when every sequence has at most FA2_MAX_SEQLEN
+                tokens (one tile of its kernel), else "fa4"; FA4 pays a Hopper CTA's set-up per
+                tile and takes 2.0-2.7x longer on such batches (benchmarks/NOTES.md, tenth round)
   "fa4"         flash_attn.cute.flash_attn_varlen_func (FlashAttention-4, when installed)
   "flash_attn"  flash_attn.flash_attn_varlen_func (Dao-AILab FlashAttention-2, when installed)
   "torch_flash" torch.nn.attention.varlen.varlen_attn (PyTorch's bundled FlashAttention-2)
@@ -23,15 +26,20 @@ import torch.nn.functional as F
 
 from .errors import BackendUnavailableError
 
-BACKENDS = ("fa4", "flash_attn", "torch_flash", "sdpa")
+BACKENDS = ("fa4+torch_flash", "fa4", "flash_attn", "torch_flash", "sdpa")
 # "auto" tries these in order on CUDA with fp16/bf16; everything else uses "sdpa".
-AUTO_ORDER_HALF = ("fa4", "flash_attn", "torch_flash", "sdpa")
+AUTO_ORDER_HALF = ("fa4+torch_flash", "fa4", "flash_attn", "torch_flash", "sdpa")
+# "fa4+torch_flash" runs PyTorch's flash kernel on batches whose longest sequence has at most this
+# many tokens. H200, head dim 64, sequences of L tokens filling 16k (650M) / 8k (3B) tokens,
+# torch_flash time / FA4 time per call: L 52-128: 0.37-0.60; L 152: 1.05-1.18 (two 128-row tiles).
+FA2_MAX_SEQLEN = 128
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Substrings of CUDA kernel names that prove a flash kernel ran (see verify_flashattention_active).
 FLASH_KERNEL_MARKERS = {
     "torch_flash": ("flash_fwd",),
     "flash_attn": ("flash_fwd",),
     "fa4": ("flash", "FlashAttention"),
+    "fa4+torch_flash": ("flash",),
 }
 
 
@@ -49,6 +57,8 @@ def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dty
         return f"unknown attention backend {name!r}; choose one of {BACKENDS} or 'auto'"
     if name == "sdpa":
         return None
+    if name == "fa4+torch_flash":
+        return backend_unavailable_reason("fa4", device, dtype) or backend_unavailable_reason("torch_flash", device, dtype)
     if device.type != "cuda":
         return f"{name} needs a CUDA device (got {device.type})"
     if dtype not in HALF_DTYPES:
@@ -112,6 +122,45 @@ def _sdpa_packed(q, k, v, cu_seqlens, max_seqlen, scale):
     return out[0]
 
 
+# FA4's forward tile for the "fa4" backend, for measurements only (tools/tune_attention.py,
+# tools/mfu_probe.py --fa4-tiles): keyword arguments of FA4's `_flash_attn_fwd` (parse_fa4_tile),
+# None = FA4's own pick (192 x 128 rows of q x k for head dim <= 64 on Hopper), which the engine uses:
+# no other tile was faster inside a 3B pass (NOTES, tenth round).
+FA4_TILE_OVERRIDE: dict | None = None
+
+
+def parse_fa4_tile(spec: str) -> dict:
+    """'128x96' or '128x128:nors:noov' -> FA4 forward keyword arguments: tile_mn (query rows, key
+    rows per CTA), mma_pv_is_rs (nors: the PV GEMM reads P from shared memory, not registers),
+    intra_wg_overlap (noov: off)."""
+    size, *flags = spec.split(":")
+    try:
+        tile_m, tile_n = (int(n) for n in size.split("x"))
+    except ValueError:
+        raise ValueError(f"FA4 tile {spec!r}: expected TMxTN[:nors][:noov], e.g. 128x96") from None
+    unknown = set(flags) - {"nors", "noov"}
+    if unknown:
+        raise ValueError(f"FA4 tile {spec!r}: unknown flag(s) {sorted(unknown)}; known: nors, noov")
+    return {"tile_mn": (tile_m, tile_n), "mma_pv_is_rs": "nors" not in flags, "intra_wg_overlap": "noov" not in flags}
+
+
+def fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                scale: float, tile: dict | None = None) -> torch.Tensor:
+    """FlashAttention-4 varlen forward, [T, H, D] -> [T, H, D]. tile (parse_fa4_tile) goes to FA4's
+    internal `_flash_attn_fwd`, the one entry that takes it, without autograd (inference only); with
+    tile None or {}, or with autograd on, the public `flash_attn_varlen_func` runs with FA4's own tile."""
+    if tile and not (torch.is_grad_enabled() and q.requires_grad):
+        from flash_attn.cute.interface import _flash_attn_fwd
+
+        return _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                               max_seqlen_k=max_seqlen, softmax_scale=scale, **tile)[0]
+    from flash_attn.cute import flash_attn_varlen_func
+
+    out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                                 max_seqlen_k=max_seqlen, softmax_scale=scale)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def varlen_attention(
     backend: str,
     q: torch.Tensor,
@@ -122,6 +171,8 @@ def varlen_attention(
     scale: float,
 ) -> torch.Tensor:
     """Bidirectional attention within each packed sequence: [T, H, D] -> [T, H, D]."""
+    if backend == "fa4+torch_flash":
+        backend = "torch_flash" if max_seqlen <= FA2_MAX_SEQLEN else "fa4"
     if backend == "torch_flash":
         from torch.nn.attention.varlen import varlen_attn
 
@@ -133,13 +184,7 @@ def varlen_attention(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale
         )
     if backend == "fa4":
-        from flash_attn.cute import flash_attn_varlen_func as fa4_varlen
-
-        out = fa4_varlen(
-            q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-            max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, softmax_scale=scale,
-        )
-        return out[0] if isinstance(out, tuple) else out
+        return fa4_forward(q, k, v, cu_seqlens, max_seqlen, scale, FA4_TILE_OVERRIDE)
     if backend == "sdpa":
         return _sdpa_packed(q, k, v, cu_seqlens, max_seqlen, scale)
     raise BackendUnavailableError(f"unknown attention backend {backend!r}")

@@ -2,7 +2,7 @@
 
     esmflash embed IN.fasta -o OUT.npz [--model NAME|PATH] [--precision {fp32,fp16,bf16}]
         [--max-tokens N] [--device DEVICE] [--repr-layers L [L ...]] [--per-token]
-        [--long-policy {error,truncate,chunk}] [--attention {auto,fa4,flash_attn,torch_flash,sdpa}]
+        [--long-policy {error,truncate,chunk}] [--attention {auto,fa4+torch_flash,fa4,flash_attn,torch_flash,sdpa}]
         [--gemm {auto,cublas,quack}] [--norm {auto,torch,triton}] [--seed N] [--compile | --no-compile]
         [--cuda-graphs | --no-cuda-graphs] [--micro-batch-tokens N] [--no-progress]
         [--resumable] [--restart]
