@@ -41,24 +41,9 @@ import torch  # noqa: E402
 import common  # noqa: E402
 from esmflash.attention import fa4_forward, parse_fa4_tile, varlen_attention  # noqa: E402
 from esmflash.models import ESM2_ARCHITECTURES, PRECISIONS  # noqa: E402
-from esmflash.perf import median, time_device  # noqa: E402
+from esmflash.perf import cuda_graph_of_calls, median, time_device  # noqa: E402
 
 DEFAULT_TILES = "default,192x128,128x128,128x128:nors,128x96,128x64,192x96,192x112,64x128,192x192:nors"
-
-
-def _graph(fn, calls: int, device) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of `calls` back-to-back calls of fn (after two eager warm-up calls)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return graph
 
 
 def waste(lengths: list[int], tile: tuple[int, int] | None) -> float:
@@ -111,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     try:
                         out = fn()
-                        graphs[name] = _graph(fn, args.calls, device)
+                        graphs[name] = cuda_graph_of_calls(fn, args.calls, device)
                     except Exception as exc:  # a tile FA4 cannot build: report it, time the others
                         print(json.dumps({"model": model, "precision": precision, "class": length_class,
                                           "config": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}),

@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from esmflash.fused import COMPILE_OPTIONS  # noqa: E402
 from esmflash.layernorm import add_layer_norm_reference, add_layer_norm_triton, launch_config  # noqa: E402
 from esmflash.models import ESM2_ARCHITECTURES, PRECISIONS  # noqa: E402
-from esmflash.perf import median, time_device  # noqa: E402
+from esmflash.perf import cuda_graph_of_calls, median, time_device  # noqa: E402
 
 EPS = 1e-5
 
@@ -60,16 +60,7 @@ def _timed(fn, calls: int, repeats: int, device) -> float:
     """Median seconds per launch: `calls` back-to-back launches captured in one CUDA graph (no
     host time between them: a Python launch costs 20-80 us, as long as the kernel), replayed
     `repeats` times."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    graph = cuda_graph_of_calls(fn, calls, device)
     return median(time_device(graph.replay, device, repeats=repeats, warmup=2)) / calls
 
 

@@ -14,7 +14,9 @@ so bad input fails in seconds. Defaults: --model esm2_t33_650M_UR50D, --device c
 batch, BOS/EOS included), --repr-layers the last layer (negative numbers count from the end as in
 fair-esm: -1 is the last layer, 0 the embeddings), --long-policy error (sequences over 1022
 residues are refused; 'truncate' keeps the first 1022, 'chunk' embeds near-equal pieces of at
-most 1022 residues and stitches them back), --attention auto, --gemm auto (fc1 + GELU and QKV +
+most 1022 residues and stitches them back), --attention auto (fa4+torch_flash where flash-attn-4 is
+installed: PyTorch's flash kernel for batches of sequences <= 128 tokens, FA4 for the rest; else
+the first of fa4, flash_attn, torch_flash, sdpa that runs), --gemm auto (fc1 + GELU and QKV +
 rotary in quack's epilogue GEMMs on Hopper GPUs where quack-kernels is installed, cuBLAS elsewhere), --norm auto
 (the residual adds + LayerNorms as esmflash's Triton kernels for fp16/bf16 on CUDA, PyTorch ops elsewhere), --seed 0 (used only for seeded
 random weights when no checkpoint is on disk), torch.compile'd layer halves on CUDA devices

@@ -47,6 +47,23 @@ def time_device(fn: Callable[[], object], device: torch.device, repeats: int = 5
     return samples
 
 
+def cuda_graph_of_calls(fn: Callable[[], object], calls: int, device: torch.device) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `calls` back-to-back calls of fn, after two eager warm-up calls on a side
+    stream (capture needs them). Replaying it times the kernels without the host time between
+    them (a Python launch can cost as long as a small kernel)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
