@@ -6,7 +6,8 @@ attends across sequence boundaries and none is causal (ESM-2 is bidirectional).
 
   "fa4+torch_flash"  per batch: "torch_flash" when every sequence has at most FA2_MAX_SEQLEN
                 tokens (one tile of its kernel), else "fa4"; FA4 pays a Hopper CTA's set-up per
-                tile and takes 2.0-2.7x longer on such batches (benchmarks/NOTES.md, tenth round)
+                tile and takes 1.5-2.7x longer on such batches (H200 and H100; benchmarks/NOTES.md,
+                tenth round)
   "fa4"         flash_attn.cute.flash_attn_varlen_func (FlashAttention-4, when installed)
   "flash_attn"  flash_attn.flash_attn_varlen_func (Dao-AILab FlashAttention-2, when installed)
   "torch_flash" torch.nn.attention.varlen.varlen_attn (PyTorch's bundled FlashAttention-2)
@@ -30,8 +31,9 @@ BACKENDS = ("fa4+torch_flash", "fa4", "flash_attn", "torch_flash", "sdpa")
 # "auto" tries these in order on CUDA with fp16/bf16; everything else uses "sdpa".
 AUTO_ORDER_HALF = ("fa4+torch_flash", "fa4", "flash_attn", "torch_flash", "sdpa")
 # "fa4+torch_flash" runs PyTorch's flash kernel on batches whose longest sequence has at most this
-# many tokens. H200, head dim 64, sequences of L tokens filling 16k (650M) / 8k (3B) tokens,
-# torch_flash time / FA4 time per call: L 52-128: 0.37-0.60; L 152: 1.05-1.18 (two 128-row tiles).
+# many tokens. Head dim 64, sequences of L tokens filling 16k (650M) / 8k (3B) tokens, torch_flash
+# time / FA4 time per call: L 52-128: 0.37-0.60 (H200), 0.37-0.66 (H100); L 152: 1.05-1.18 (both;
+# two of FA2's 128-row tiles per sequence).
 FA2_MAX_SEQLEN = 128
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Substrings of CUDA kernel names that prove a flash kernel ran (see verify_flashattention_active).
