@@ -62,9 +62,11 @@ def reference():
     return model
 
 
-@pytest.mark.parametrize("backend", ["torch_flash", *OPTIONAL_BACKENDS])
+@pytest.mark.parametrize("backend", ["torch_flash", *OPTIONAL_BACKENDS, "fa4+torch_flash"])
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_flash_kernels_run(reference, precision, backend):
+    """verify_flashattention_active passes with the backend's kernels ("fa4+torch_flash": both,
+    each on its own batch) and fails once the model runs sdpa."""
     reason = backend_unavailable_reason(backend, torch.device("cuda"), PRECISIONS[precision])
     if reason is not None:
         pytest.skip(reason)

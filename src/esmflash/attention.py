@@ -41,8 +41,7 @@ FLASH_KERNEL_MARKERS = {
     "torch_flash": ("flash_fwd",),
     "flash_attn": ("flash_fwd",),
     "fa4": ("flash", "FlashAttention"),
-    "fa4+torch_flash": ("flash",),
-}
+}  # "fa4+torch_flash": both, each on its own batch (verify_flashattention_active)
 
 
 def has_module(name: str) -> bool:

@@ -23,9 +23,14 @@ def profiled_cuda_kernels(fn: Callable[[], object], device: torch.device) -> lis
             if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def cuda_kernel_names(model: PackedESM2, max_tokens: int = 512) -> list[str]:
-    """Names of the CUDA kernels one small packed forward launches (3 sequences, 20-120 aa)."""
-    records = [("verify-a", "MKTAYIAKQR" * 12), ("verify-b", "GSHMLEDPVA" * 5), ("verify-c", "ACDEFGHIKL" * 2)]
+VERIFY_RECORDS = [("verify-a", "MKTAYIAKQR" * 12), ("verify-b", "GSHMLEDPVA" * 5), ("verify-c", "ACDEFGHIKL" * 2)]
+# A sequence over attention.FA2_MAX_SEQLEN tokens: "fa4+torch_flash" runs FA4 on a batch holding it.
+VERIFY_LONG_RECORD = ("verify-d", "MKTAYIAKQR" * 20)
+
+
+def cuda_kernel_names(model: PackedESM2, max_tokens: int = 512,
+                      records: list[tuple[str, str]] = VERIFY_RECORDS) -> list[str]:
+    """Names of the CUDA kernels one small packed forward launches (default: 3 sequences, 20-120 aa)."""
     batch = pack_sequences(records, model.alphabet, max_tokens)[0].to(model.device)
     with torch.no_grad():
         kernels = profiled_cuda_kernels(lambda: model.forward_packed(batch), model.device)
@@ -34,17 +39,26 @@ def cuda_kernel_names(model: PackedESM2, max_tokens: int = 512) -> list[str]:
 
 def verify_flashattention_active(model: PackedESM2) -> list[str]:
     """Raise FlashAttentionNotActiveError unless a flash forward kernel ran in a packed forward
-    with the model's current backend; return the flash kernel names seen."""
+    with the model's current backend; return the flash kernel names seen. "fa4+torch_flash" must
+    run both: torch_flash's kernel on the short-sequence batch, FA4's on one with a longer sequence."""
     backend = model.attention_backend
     if model.device.type != "cuda":
         raise FlashAttentionNotActiveError(f"model is on {model.device}: FlashAttention kernels run on CUDA only")
-    markers = FLASH_KERNEL_MARKERS.get(backend)
-    names = cuda_kernel_names(model)
+    if backend == "fa4+torch_flash":
+        return (_flash_kernels(backend, "torch_flash", cuda_kernel_names(model))
+                + _flash_kernels(backend, "fa4", cuda_kernel_names(model, records=[*VERIFY_RECORDS, VERIFY_LONG_RECORD])))
+    return _flash_kernels(backend, backend, cuda_kernel_names(model))
+
+
+def _flash_kernels(backend: str, kernel_backend: str, names: list[str]) -> list[str]:
+    """The names with `kernel_backend`'s flash markers; raise FlashAttentionNotActiveError if none."""
+    markers = FLASH_KERNEL_MARKERS.get(kernel_backend)
     flash = [n for n in names if markers and any(m in n for m in markers)]
     if not flash:
         attn_like = [n for n in names if any(w in n.lower() for w in ("attention", "fmha", "softmax", "flash", "attn"))]
+        which = "" if kernel_backend == backend else f" of {kernel_backend!r}"
         raise FlashAttentionNotActiveError(
-            f"backend {backend!r} ran no FlashAttention forward kernel; attention kernels seen: "
+            f"backend {backend!r} ran no FlashAttention forward kernel{which}; attention kernels seen: "
             f"{attn_like or names[:20]}"
         )
     return flash
