@@ -232,11 +232,9 @@ def print_row(row: dict) -> None:
 
 
 def fa4_tile_override(spec: str) -> dict | None:
-    """--fa4-tiles item -> esmflash.attention.FA4_TILE_OVERRIDE: None for the engine's table, {} for
-    FA4's own pick, else the parsed tile."""
-    if spec == "engine":
-        return None
-    return {} if spec == "fa4" else attention.parse_fa4_tile(spec)
+    """--fa4-tiles item -> esmflash.attention.FA4_TILE_OVERRIDE: None (FA4's own pick, what the
+    engine runs) for "fa4" or "engine", else the parsed tile."""
+    return None if spec in ("fa4", "engine") else attention.parse_fa4_tile(spec)
 
 
 def emit(row: dict, args) -> None:
@@ -258,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length-class", default="mixed", help="the suite's length class of the batch "
                         "(short, medium, long, xlong, mixed)")
     parser.add_argument("--fa4-tiles", default="engine",
-                        help="comma-separated FA4 forward tiles: engine (esmflash's table), fa4 (FA4's own pick) or "
-                             "TMxTN[:nors][:noov] (esmflash.attention.parse_fa4_tile)")
+                        help="comma-separated FA4 forward tiles: fa4 or engine (FA4's own pick, what the engine "
+                             "runs) or TMxTN[:nors][:noov] (esmflash.attention.parse_fa4_tile)")
     parser.add_argument("--cuda-graphs", default="on", help="comma-separated: on, off (CUDA graph replay)")
     parser.add_argument("--micro-batches", default=None,
                         help="comma-separated micro_batch_tokens values (0: off; default: the engine's default)")
