@@ -121,8 +121,8 @@ PINNED_BACKEND = {
     "gpu": {"fp32": "sdpa", "fp16": "torch_flash", "bf16": "torch_flash"},
     "cpu": {"fp32": "sdpa", "fp16": "sdpa", "bf16": "sdpa"},
 }
-KERNEL_FAMILY = {"torch_flash": "pytorch_flash::flash_fwd", "flash_attn": "flash_fwd", "fa4": "flash",
-                 "fa4+torch_flash": "flash"}
+KERNEL_FAMILY = {"torch_flash": "pytorch_flash::flash_fwd", "flash_attn": "flash_fwd", "fa4": "FlashAttention",
+                 "fa4+torch_flash": "flash"}  # the pair: verify_flashattention_active checks each kernel
 VERSION = BENCH_VERSION + ";attention=" + ",".join(
     f"{tier}:{p}:{b}" for tier, pins in PINNED_BACKEND.items() for p, b in pins.items()
 )

@@ -37,10 +37,13 @@ AUTO_ORDER_HALF = ("fa4+torch_flash", "fa4", "flash_attn", "torch_flash", "sdpa"
 FA2_MAX_SEQLEN = 128
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Substrings of CUDA kernel names that prove a flash kernel ran (see verify_flashattention_active).
+# torch_flash's and FA4's tell the two apart (FA4's names hold "flash_fwd" and "flash" too, e.g.
+# kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_...; H200), which
+# the check of "fa4+torch_flash" needs: each kernel on its own batch.
 FLASH_KERNEL_MARKERS = {
-    "torch_flash": ("flash_fwd",),
+    "torch_flash": ("pytorch_flash::flash_fwd",),
     "flash_attn": ("flash_fwd",),
-    "fa4": ("flash", "FlashAttention"),
+    "fa4": ("FlashAttention",),
 }  # "fa4+torch_flash": both, each on its own batch (verify_flashattention_active)
 
 
