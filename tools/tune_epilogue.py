@@ -19,6 +19,14 @@ CuTe DSL kernel (seconds; quack caches it on disk); that time is printed too. On
 measurement; the last lines name the fastest config per role and precision.
 
     python tools/tune_epilogue.py --configs esm2_t33_650M_UR50D:fp16:16384,esm2_t36_3B_UR50D:bf16:8192
+
+--candidates sm90 sweeps quack's own sm90 tuning space (SM90_SPACE, 22 configs). --graph-calls N
+times CUDA graphs of N back-to-back calls in alternating rounds instead of single calls: a GEMM
+alone runs at its burst clock, inside a forward pass at the power cap's, and the graphs keep the
+card busy long enough to rank configs at the sustained clock (NOTES, eleventh round).
+
+    python tools/tune_epilogue.py --configs esm2_t36_3B_UR50D:fp16:8119 --roles gelu,qkv \
+        --candidates sm90 --graph-calls 20 --repeats 5
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import sys
 import time
 import traceback
@@ -46,9 +55,10 @@ from esmflash.epilogue import (  # noqa: E402
 )
 from esmflash.fused import COMPILE_OPTIONS, rotary_half_tables, rotary_inv_freq, rotate_qk  # noqa: E402
 from esmflash.models import ESM2_ARCHITECTURES, PRECISIONS  # noqa: E402
-from esmflash.perf import median, time_device  # noqa: E402
+from esmflash.perf import cuda_graph_of_calls, median, time_device  # noqa: E402
 
-# Candidate quack GemmConfig fields for sm90 (esmflash.epilogue.quack_config), by name.
+# Candidate quack GemmConfig fields for sm90 (esmflash.epilogue.quack_config), by name; any other
+# name of the same form (parse_candidate) is accepted too.
 CANDIDATES = {
     "128x192pp_c21": dict(tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1),
     "128x192pp_c12": dict(tile_m=128, tile_n=192, pingpong=True, cluster_m=1, cluster_n=2),
@@ -57,6 +67,36 @@ CANDIDATES = {
     "256x128co_c12": dict(tile_m=256, tile_n=128, pingpong=False, cluster_m=1, cluster_n=2),
     "256x192co_c21": dict(tile_m=256, tile_n=192, pingpong=False, cluster_m=2, cluster_n=1),
 }
+# quack's own sm90 autotuning space (quack.gemm_config._get_sm90_configs, without swap_ab): pingpong
+# 128 x {128, 160, 192, 208} and 192 x 128, cooperative 256 x {128, 160, 192, 208}, 128 x 224 and
+# 128 x 256, each with clusters 2x1 and 1x2.
+SM90_SPACE = ",".join(
+    f"{m}x{n}{kind}_c{c}"
+    for m, n, kind in [(128, 128, "pp"), (128, 160, "pp"), (128, 192, "pp"), (128, 208, "pp"), (192, 128, "pp"),
+                       (256, 128, "co"), (256, 160, "co"), (256, 192, "co"), (256, 208, "co"), (128, 224, "co"),
+                       (128, 256, "co")]
+    for c in ("21", "12"))
+
+
+def parse_candidate(name: str) -> dict:
+    """GemmConfig fields of a candidate name: CANDIDATES[name], or the form TMxTN{pp|co}_c{M}{N}
+    with optional suffixes _dp (dynamic persistent scheduler), _sw{S} (max_swizzle_size S) and
+    _swap (swap_ab), e.g. 128x208pp_c21 or 256x160co_c12_dp."""
+    if name in CANDIDATES:
+        return dict(CANDIDATES[name])
+    m = re.fullmatch(r"(\d+)x(\d+)(pp|co)_c(\d)(\d)((?:_dp|_sw\d+|_swap)*)", name)
+    if m is None:
+        raise ValueError(f"quack candidate {name!r}: expected TMxTN{{pp|co}}_c<M><N>[_dp][_sw<S>][_swap]")
+    fields = dict(tile_m=int(m[1]), tile_n=int(m[2]), pingpong=m[3] == "pp", cluster_m=int(m[4]),
+                  cluster_n=int(m[5]))
+    for flag in re.findall(r"_(dp|sw\d+|swap)", m[6]):
+        if flag == "dp":
+            fields["is_dynamic_persistent"] = True
+        elif flag == "swap":
+            fields["swap_ab"] = True
+        else:
+            fields["max_swizzle_size"] = int(flag[2:])
+    return fields
 
 
 def _gelu(x, w, b):
@@ -114,6 +154,17 @@ def reference(role: str, args: tuple, head_dim: int) -> torch.Tensor:
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
+def first_call(fn, args: tuple, ref: torch.Tensor, canonical=None) -> dict:
+    """First-call seconds (the JIT compile of a new quack config) and max |error| / max |ref| of
+    fn(*args) (its output mapped by `canonical` to ref's layout first, where given)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    out = canonical(out) if canonical is not None else out
+    return {"first_call_s": round(first_s, 2), "max_rel_err": ((out.float() - ref).abs().max() / ref.abs().max()).item()}
+
+
 def measure(fn, args: tuple, ref: torch.Tensor, flops: float, repeats: int, canonical=None) -> dict:
     """First-call seconds, median ms, TFLOP/s and max |error| / max |ref| of fn(*args) (its output
     mapped by `canonical` to ref's layout first, where given)."""
@@ -132,11 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="esm2_t33_650M_UR50D:fp16:16384,esm2_t36_3B_UR50D:bf16:8192",
                         help="comma-separated MODEL:PRECISION:TOKENS")
-    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated names of CANDIDATES")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES),
+                        help="comma-separated candidate names (CANDIDATES or parse_candidate's form); "
+                             "'sm90' = quack's own sm90 tuning space")
     parser.add_argument("--roles", default="gelu,out,fc2,qkv")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--jsonl", default=None)
+    parser.add_argument("--graph-calls", type=int, default=0,
+                        help="time CUDA graphs of this many back-to-back calls per sample (0: one call per "
+                             "sample, events around it); with --rounds alternating rounds")
+    parser.add_argument("--rounds", type=int, default=2, help="with --graph-calls: rounds in alternating order")
     args = parser.parse_args(argv)
+    args.candidates = args.candidates.replace("sm90", SM90_SPACE)
+    for cand in args.candidates.split(","):
+        parse_candidate(cand)  # a bad name fails here, before any GPU work
     if not torch.cuda.is_available():
         print("tune_epilogue: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -146,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     cublas_ms: dict[tuple, float] = {}  # (model, precision, role) -> ms
     best: dict[tuple, tuple[str, float]] = {}  # (model, precision, role) -> (quack config, ms)
     gen = torch.Generator(device="cuda").manual_seed(0)
+    device = torch.device("cuda")
+    graphs: dict[str, torch.cuda.CUDAGraph] = {}
     for item in args.configs.split(","):
         name, precision, tokens = item.split(":")
         _, d, heads = ESM2_ARCHITECTURES[name]
@@ -162,30 +224,46 @@ def main(argv: list[str] | None = None) -> int:
                 rope = (positions.float(), rotary_turns_table(rotary_inv_freq(dh), 2 * d, d).cuda())
                 runs = [("cublas", lambda x, w, b, _: compiled["qkv"](x, w, b, *tables))]
                 for cand in args.candidates.split(","):
-                    cfg = quack_config(CANDIDATES[cand])
+                    cfg = quack_config(parse_candidate(cand))
                     runs.append((f"quack:{cand}", lambda x, w, b, _, cfg=cfg: quack_qkv_rotary(
                         x, w_il, b_il, *rope, cfg)))
             elif role.endswith("_bias"):
                 runs = [("cublas", F.linear)]
                 for cand in args.candidates.split(","):
-                    cfg = quack_config(CANDIDATES[cand])
+                    cfg = quack_config(parse_candidate(cand))
                     runs.append((f"quack:{cand}", lambda x, w, b, cfg=cfg: quack_linear(x, w, b, None, None, cfg)))
             else:
                 kind = "gelu" if role == "gelu" else "residual"
                 act = "gelu_erf" if role == "gelu" else None
                 runs = [("cublas", compiled[kind])]
                 for cand in args.candidates.split(","):
-                    cfg = quack_config(CANDIDATES[cand])
+                    cfg = quack_config(parse_candidate(cand))
                     residual = None if role == "gelu" else 3
                     runs.append((f"quack:{cand}", lambda *a, cfg=cfg, residual=residual: quack_linear(
                         a[0], a[1], a[2], a[residual] if residual else None, act, cfg)))
+            rows = {}
             for label, fn in runs:
                 row = {"model": name, "precision": precision, "tokens": t, "role": role, "impl": label}
                 try:
-                    row.update(measure(fn, inputs, ref, flops, args.repeats, canonical))
+                    if args.graph_calls:
+                        row.update(first_call(fn, inputs, ref, canonical))
+                        graphs[label] = cuda_graph_of_calls(lambda fn=fn: fn(*inputs), args.graph_calls, device)
+                    else:
+                        row.update(measure(fn, inputs, ref, flops, args.repeats, canonical))
                 except Exception as exc:  # one config that does not build must not hide the rest
                     traceback.print_exc(limit=3)
                     row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                rows[label] = row
+            if args.graph_calls:  # alternating order, so a drifting clock does not favour one config
+                samples = {label: [] for label in graphs}
+                for r in range(args.rounds):
+                    for label in (list(graphs) if r % 2 == 0 else list(graphs)[::-1]):
+                        samples[label] += time_device(graphs[label].replay, device, repeats=args.repeats, warmup=2)
+                for label, xs in samples.items():
+                    sec = median(xs) / args.graph_calls
+                    rows[label].update(median_ms=round(sec * 1e3, 4), tflops=round(flops / sec / 1e12, 1))
+                graphs.clear()
+            for label, row in rows.items():
                 line = json.dumps(row)
                 print(line, flush=True)
                 if args.jsonl:

@@ -104,7 +104,7 @@ def quack_config(fields: dict | None = None):
 def _quack_config(fields: tuple):
     from quack.gemm_config import GemmConfig
 
-    return GemmConfig(is_dynamic_persistent=False, device_capacity=9, **dict(fields))
+    return GemmConfig(**{"is_dynamic_persistent": False, "device_capacity": 9, **dict(fields)})
 
 
 def quack_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
