@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import common  # noqa: E402
 from esmflash.attention import fa4_forward, parse_fa4_tile, varlen_attention  # noqa: E402
 from esmflash.models import ESM2_ARCHITECTURES, PRECISIONS  # noqa: E402
-from esmflash.perf import cuda_graph_of_calls, median, time_device  # noqa: E402
+from esmflash.perf import cuda_graph_of_calls, graph_seconds_per_call  # noqa: E402
 
 DEFAULT_TILES = "default,192x128,128x128,128x128:nors,128x96,128x64,192x96,192x112,64x128,192x192:nors"
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, tile in tiles.items():
                     calls[name] = lambda tile=tile: fa4_forward(q, k, v, cu, max_len, scale, tile)
                 ref = calls["default"]() if "default" in calls else None
-                graphs, samples, rows = {}, {name: [] for name in calls}, {}
+                graphs, rows = {}, {}
                 for name, fn in calls.items():
                     t0 = time.perf_counter()
                     try:
@@ -105,11 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                     rows[name] = {"first_call_s": round(time.perf_counter() - t0, 2),
                                   "max_diff": None if ref is None else (out.float() - ref.float()).abs().max().item()}
                 names = list(graphs)
-                for r in range(args.rounds):
-                    for name in (names if r % 2 == 0 else names[::-1]):
-                        samples[name] += time_device(graphs[name].replay, device, repeats=args.repeats, warmup=2)
+                seconds = graph_seconds_per_call(graphs, args.calls, device, args.repeats, args.rounds)
                 for name in names:
-                    sec = median(samples[name]) / args.calls
+                    sec = seconds[name]
                     row = {"model": model, "precision": precision, "class": length_class, "tokens": t,
                            "sequences": len(lengths), "max_seqlen": max_len, "config": name,
                            "us": round(sec * 1e6, 2), "TFLOPs": round(flops / sec / 1e12, 1),

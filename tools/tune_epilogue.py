@@ -55,7 +55,7 @@ from esmflash.epilogue import (  # noqa: E402
 )
 from esmflash.fused import COMPILE_OPTIONS, rotary_half_tables, rotary_inv_freq, rotate_qk  # noqa: E402
 from esmflash.models import ESM2_ARCHITECTURES, PRECISIONS  # noqa: E402
-from esmflash.perf import cuda_graph_of_calls, median, time_device  # noqa: E402
+from esmflash.perf import cuda_graph_of_calls, graph_seconds_per_call, median, time_device  # noqa: E402
 
 # Candidate quack GemmConfig fields for sm90 (esmflash.epilogue.quack_config), by name; any other
 # name of the same form (parse_candidate) is accepted too.
@@ -166,17 +166,10 @@ def first_call(fn, args: tuple, ref: torch.Tensor, canonical=None) -> dict:
 
 
 def measure(fn, args: tuple, ref: torch.Tensor, flops: float, repeats: int, canonical=None) -> dict:
-    """First-call seconds, median ms, TFLOP/s and max |error| / max |ref| of fn(*args) (its output
-    mapped by `canonical` to ref's layout first, where given)."""
-    t0 = time.perf_counter()
-    out = fn(*args)
-    torch.cuda.synchronize()
-    first_s = time.perf_counter() - t0
+    """`first_call`, then the median ms and TFLOP/s of single calls of fn(*args) (CUDA events)."""
+    row = first_call(fn, args, ref, canonical)
     sec = median(time_device(lambda: fn(*args), torch.device("cuda"), repeats=repeats, warmup=3))
-    out = canonical(out) if canonical is not None else out
-    err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-    return {"first_call_s": round(first_s, 2), "median_ms": round(sec * 1e3, 4),
-            "tflops": round(flops / sec / 1e12, 1), "max_rel_err": err}
+    return {**row, "median_ms": round(sec * 1e3, 4), "tflops": round(flops / sec / 1e12, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                              "sample, events around it); with --rounds alternating rounds")
     parser.add_argument("--rounds", type=int, default=2, help="with --graph-calls: rounds in alternating order")
     args = parser.parse_args(argv)
-    args.candidates = args.candidates.replace("sm90", SM90_SPACE)
-    for cand in args.candidates.split(","):
+    candidates = [c for item in args.candidates.split(",") for c in (SM90_SPACE.split(",") if item == "sm90" else [item])]
+    for cand in candidates:
         parse_candidate(cand)  # a bad name fails here, before any GPU work
     if not torch.cuda.is_available():
         print("tune_epilogue: needs a CUDA GPU", file=sys.stderr)
@@ -207,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[tuple, tuple[str, float]] = {}  # (model, precision, role) -> (quack config, ms)
     gen = torch.Generator(device="cuda").manual_seed(0)
     device = torch.device("cuda")
-    graphs: dict[str, torch.cuda.CUDAGraph] = {}
     for item in args.configs.split(","):
         name, precision, tokens = item.split(":")
         _, d, heads = ESM2_ARCHITECTURES[name]
@@ -223,25 +215,25 @@ def main(argv: list[str] | None = None) -> int:
                 w_il, b_il = interleave_rotary_rows(w, dh, 2 * d), interleave_rotary_rows(b, dh, 2 * d)
                 rope = (positions.float(), rotary_turns_table(rotary_inv_freq(dh), 2 * d, d).cuda())
                 runs = [("cublas", lambda x, w, b, _: compiled["qkv"](x, w, b, *tables))]
-                for cand in args.candidates.split(","):
+                for cand in candidates:
                     cfg = quack_config(parse_candidate(cand))
                     runs.append((f"quack:{cand}", lambda x, w, b, _, cfg=cfg: quack_qkv_rotary(
                         x, w_il, b_il, *rope, cfg)))
             elif role.endswith("_bias"):
                 runs = [("cublas", F.linear)]
-                for cand in args.candidates.split(","):
+                for cand in candidates:
                     cfg = quack_config(parse_candidate(cand))
                     runs.append((f"quack:{cand}", lambda x, w, b, cfg=cfg: quack_linear(x, w, b, None, None, cfg)))
             else:
                 kind = "gelu" if role == "gelu" else "residual"
                 act = "gelu_erf" if role == "gelu" else None
                 runs = [("cublas", compiled[kind])]
-                for cand in args.candidates.split(","):
+                for cand in candidates:
                     cfg = quack_config(parse_candidate(cand))
                     residual = None if role == "gelu" else 3
                     runs.append((f"quack:{cand}", lambda *a, cfg=cfg, residual=residual: quack_linear(
                         a[0], a[1], a[2], a[residual] if residual else None, act, cfg)))
-            rows = {}
+            rows, graphs = {}, {}
             for label, fn in runs:
                 row = {"model": name, "precision": precision, "tokens": t, "role": role, "impl": label}
                 try:
@@ -254,15 +246,11 @@ def main(argv: list[str] | None = None) -> int:
                     traceback.print_exc(limit=3)
                     row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 rows[label] = row
-            if args.graph_calls:  # alternating order, so a drifting clock does not favour one config
-                samples = {label: [] for label in graphs}
-                for r in range(args.rounds):
-                    for label in (list(graphs) if r % 2 == 0 else list(graphs)[::-1]):
-                        samples[label] += time_device(graphs[label].replay, device, repeats=args.repeats, warmup=2)
-                for label, xs in samples.items():
-                    sec = median(xs) / args.graph_calls
+            if graphs:
+                seconds = graph_seconds_per_call(graphs, args.graph_calls, device, args.repeats, args.rounds)
+                for label, sec in seconds.items():
                     rows[label].update(median_ms=round(sec * 1e3, 4), tflops=round(flops / sec / 1e12, 1))
-                graphs.clear()
+                del graphs
             for label, row in rows.items():
                 line = json.dumps(row)
                 print(line, flush=True)

@@ -64,6 +64,19 @@ def cuda_graph_of_calls(fn: Callable[[], object], calls: int, device: torch.devi
     return graph
 
 
+def graph_seconds_per_call(graphs: dict[str, torch.cuda.CUDAGraph], calls: int, device: torch.device,
+                           repeats: int, rounds: int) -> dict[str, float]:
+    """{name: median seconds per call} of graphs made by `cuda_graph_of_calls` (each `calls`
+    calls long): `repeats` timed replays of each graph per round, the order reversed every other
+    round, so a clock drifting over the run (a power-capped card) favours no graph."""
+    names = list(graphs)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            samples[name] += time_device(graphs[name].replay, device, repeats=repeats, warmup=2)
+    return {name: median(xs) / calls for name, xs in samples.items()}
+
+
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
