@@ -37,3 +37,10 @@ def test_candidate_suffixes():
 def test_bad_candidate_names_fail_with_the_expected_form(name):
     with pytest.raises(ValueError, match="expected TMxTN"):
         tune.parse_candidate(name)
+
+
+def test_bad_candidate_stops_the_tool_before_any_gpu_work(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(["--candidates", "sm90,128x192pp_c21_fast"])
+    assert exit_info.value.code == 2
+    assert "quack candidate '128x192pp_c21_fast': expected TMxTN" in capsys.readouterr().err

@@ -189,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     candidates = [c for item in args.candidates.split(",") for c in (SM90_SPACE.split(",") if item == "sm90" else [item])]
     for cand in candidates:
-        parse_candidate(cand)  # a bad name fails here, before any GPU work
+        try:
+            parse_candidate(cand)  # a bad name fails here, before any GPU work
+        except ValueError as exc:
+            parser.error(str(exc))
     if not torch.cuda.is_available():
         print("tune_epilogue: needs a CUDA GPU", file=sys.stderr)
         return 2
