@@ -2,8 +2,7 @@
 
 from asv_runner.benchmarks.mark import skip_for_params
 
-from . import common
-from .common import BACKENDS, PRECISIONS
+from . import config, helpers
 
 MODELS = ["esm2_t6_8M_UR50D", "esm2_t33_650M_UR50D"]  # one per tier
 # One flash call takes ~0.3 ms on an H100/H200: a sample of one call is mostly launch and
@@ -12,15 +11,34 @@ CALLS_PER_SAMPLE = 20
 # A process starts on an idle GPU (clocks at idle after ~7 s of process start-up); one warm-up
 # call of 0.3-4 ms does not bring them up. asv repeats the call for this long before timing.
 WARMUP_SECONDS = 0.5
-GRID = (MODELS, PRECISIONS, BACKENDS)
+GRID = (MODELS, config.PRECISIONS, config.BACKENDS)
 # Flash backends need a GPU and fp16/bf16, and their package: n/a elsewhere (checked without
 # importing torch). setup still raises NotImplementedError if a backend cannot run on this GPU;
 # a backend is never replaced by another one.
-RUNNABLE = common.skip_list(
+RUNNABLE = config.skip_list(
     *GRID,
-    keep=lambda m, p, b: common.runs_here(m, p)
-    and (b == "sdpa" or (common.TIER == "gpu" and p != "fp32" and common.installed(b))),
+    keep=lambda m, p, b: config.runs_here(m, p)
+    and (b == "sdpa" or (config.TIER == "gpu" and p != "fp32" and config.installed(b))),
 )
+
+
+def attention_inputs(model_name: str, precision: str):
+    """(q, k, v [T, H, Dh], cu_seqlens, max_seqlen, scale) for one attention call of `model_name`
+    on its "mixed" token set, seeded random values, on this tier's device. No model is built."""
+    import esm
+    import torch
+    from esmflash import ESM2_ARCHITECTURES, PRECISIONS, pack_sequences
+    from esmflash.bench.workloads import SEED, length_class_records
+
+    _, dim, heads = ESM2_ARCHITECTURES[model_name]
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    budget = config.TOKENS_PER_SET[model_name]
+    dev = helpers.device()
+    batch = pack_sequences(length_class_records("mixed", budget), alphabet, budget)[0].to(dev)
+    g = torch.Generator(device=dev).manual_seed(SEED)
+    shape = (batch.num_tokens, heads, dim // heads)
+    q, k, v = (torch.randn(shape, generator=g, device=dev, dtype=PRECISIONS[precision]) for _ in range(3))
+    return q, k, v, batch.cu_seqlens, batch.max_seqlen, (dim // heads) ** -0.5
 
 
 class AttentionBackends:
@@ -30,30 +48,31 @@ class AttentionBackends:
 
     params = GRID
     param_names = ["model", "precision", "backend"]
-    version = common.VERSION + f";calls={CALLS_PER_SAMPLE}"
+    version = config.VERSION + f";calls={CALLS_PER_SAMPLE}"
     timeout = 120
     number = 1
-    repeat = common.REPEAT
+    repeat = config.REPEAT
     rounds = 1
     warmup_time = WARMUP_SECONDS
 
+    @helpers.setup_once
     def setup(self, model, precision, backend):
-        from esmflash import BackendUnavailableError
-        from esmflash.attention import resolve_backend
-        from esmflash.models import PRECISIONS as DTYPES
+        from esmflash import BackendUnavailableError, PRECISIONS, resolve_backend
 
         try:
-            resolve_backend(backend, common.device(), DTYPES[precision])
+            resolve_backend(backend, helpers.device(), PRECISIONS[precision])
         except BackendUnavailableError as e:
-            raise NotImplementedError(str(e))
-        self.inputs = common.attention_inputs(model, precision)
+            raise NotImplementedError(str(e)) from None
+        self.inputs = attention_inputs(model, precision)
 
+    @helpers.about(f"one layer's varlen attention, {CALLS_PER_SAMPLE} calls (seconds)")
     @skip_for_params(RUNNABLE)
     def time_attention_kernel(self, model, precision, backend):
-        from esmflash.attention import varlen_attention
+        import torch
+        from esmflash.kernels import varlen_attention
 
         q, k, v, cu_seqlens, max_seqlen, scale = self.inputs
-        with common.no_grad():
+        with torch.no_grad():
             for _ in range(CALLS_PER_SAMPLE):
                 varlen_attention(backend, q, k, v, cu_seqlens, max_seqlen, scale)
-        common.synchronize()
+        helpers.synchronize()

@@ -2,60 +2,47 @@
 
 from asv_runner.benchmarks.mark import skip_for_params
 
-from . import common
-from .common import ALL_MODELS, HOPPER_GRID, LENGTH_CLASSES, PRECISIONS
+from . import config, helpers, measure
+from .base import PackedForward
 
-GRID = (ALL_MODELS, PRECISIONS, LENGTH_CLASSES)
+GRID = (config.ALL_MODELS, config.PRECISIONS, config.LENGTH_CLASSES)
+ON_TIER = config.skip_list(*GRID, keep=lambda m, p, l: config.runs_here(m, p))
 
 
-class ForwardPacked:
-    """forward_packed over one fixed token set (one packed batch already on the device),
-    last-layer representations, CUDA-synchronized, with the engine's default layer
-    implementation (torch.compile'd on a GPU, compiled during the warm-up; eager on the CPU).
-    The attention backend is pinned per precision (common.PINNED_BACKEND); on a GPU its kernel
-    family is verified before timing."""
+class ForwardPacked(PackedForward):
+    """forward_packed over one fixed token set (one packed batch on the device), last-layer
+    representations, device-synchronized, with the "bundled" kernels pinned per precision
+    (config.PINNED_BACKEND; torch.compile'd and CUDA-graphed on a GPU, eager on the CPU)."""
 
     params = GRID
-    param_names = ["model", "precision", "length"]
-    version = common.VERSION
-    timeout = 300
-    number = 1
-    repeat = common.REPEAT
-    rounds = 1
-    warmup_time = 0
+    version = config.VERSION
 
-    def setup(self, model, precision, length):
-        self.model, self.batches = common.prepare_forward(model, precision, length)
-
-    @skip_for_params(common.skip_list(*GRID, keep=lambda m, p, l: common.runs_here(m, p)))
+    @skip_for_params(ON_TIER)
     def time_forward_packed(self, model, precision, length):
-        with common.no_grad():
-            common.forward_packed(self.model, self.batches)
+        helpers.forward(self.model, self.batches)
+
+    time_forward_packed.pretty_name = "forward pass, bundled kernels (seconds per token set)"
 
 
-class ForwardPackedHopper:
-    """ForwardPacked with the "hopper" kernel set (common.KERNEL_SETS: FlashAttention-4 and
-    quack's epilogue GEMMs, fc1 + GELU and QKV + rotary), fp16/bf16 on the GPU tier; n/a where either is not installed
-    or the GPU is not compute capability 9.x."""
+class ForwardPackedHopper(PackedForward):
+    """ForwardPacked with the "hopper" kernel set (FlashAttention-4 with PyTorch's flash kernel
+    for short batches, quack's epilogue GEMMs: fc1 + GELU, QKV + rotary), fp16/bf16 on the GPU
+    tier; n/a where it cannot run (not installed, not compute capability 9.x)."""
 
-    params = HOPPER_GRID
-    param_names = ["model", "precision", "length"]
-    version = common.HOPPER_VERSION
-    timeout = 300
-    number = 1
-    repeat = common.REPEAT
-    rounds = 1
-    warmup_time = 0
+    params = config.HOPPER_GRID
+    version = config.HOPPER_VERSION
+    kernels = "hopper"
 
     def setup(self, model, precision, length):
-        reason = common.hopper_unavailable_reason(precision)
+        reason = measure.unavailable("hopper", precision)  # checked before any model is built
         if reason is not None:
             raise NotImplementedError(reason)
-        self.model, self.batches = common.prepare_forward(model, precision, length, kernels="hopper")
+        super().setup(model, precision, length)
 
     def time_forward_packed(self, model, precision, length):
-        with common.no_grad():
-            common.forward_packed(self.model, self.batches)
+        helpers.forward(self.model, self.batches)
+
+    time_forward_packed.pretty_name = "forward pass, hopper kernels (seconds per token set)"
 
 
 class ForwardHostMemory:
@@ -65,15 +52,16 @@ class ForwardHostMemory:
 
     params = GRID
     param_names = ["model", "precision", "length"]
-    version = common.VERSION
+    version = config.VERSION
     timeout = 300
 
+    @helpers.setup_once
     def setup(self, model, precision, length):
-        with common.no_grad():
-            self.model = common.load_model(model, precision)
-            self.batches = common.packed_batches(self.model, length)
+        self.model = helpers.load_model(model, precision)
+        self.batches = helpers.token_set(self.model, length)
 
-    @skip_for_params(common.skip_list(*GRID, keep=lambda m, p, l: common.runs_here(m, p) and l == "mixed"))
+    @skip_for_params(config.skip_list(*GRID, keep=lambda m, p, l: config.runs_here(m, p) and l == "mixed"))
     def peakmem_forward_packed(self, model, precision, length):
-        with common.no_grad():
-            common.forward_packed(self.model, self.batches)
+        helpers.forward(self.model, self.batches)
+
+    peakmem_forward_packed.pretty_name = "host peak RSS of load + one forward pass"

@@ -1,186 +1,244 @@
-"""Derived metrics per model x precision x length class, measured once per run by the
-module-level setup_cache (one process, one model at a time): throughput, MFU, GPU peak memory,
-speedups and the error against fp32 for the engine; throughput of stock fair-esm (the padded
-baseline users would otherwise run) on the same sequences. Definitions:
-common.measure_forward_metrics."""
+"""Derived metrics per model x precision x length class, measured once per run by the module-level
+setup_cache (one process, one model at a time; benchmarks/measure.py says how each row is
+measured): throughput, MFU, GPU memory, speedups and the error against fp32 of the engine; the
+stock fair-esm and Hugging Face transformers baselines on the same sequences and weights; the
+GPU's run conditions before and after."""
 
 from asv_runner.benchmarks.mark import skip_for_params
 
-from . import common
-from .common import ALL_MODELS, HOPPER_GRID, LENGTH_CLASSES, PRECISIONS
+from . import config, measure
+from .base import CachedRow
+from .helpers import about
 
-GRID = (ALL_MODELS, PRECISIONS, LENGTH_CLASSES)
-ON_TIER = common.skip_list(*GRID, keep=lambda m, p, l: common.runs_here(m, p))
-GPU_ONLY = common.skip_list(*GRID, keep=lambda m, p, l: common.runs_here(m, p) and common.TIER == "gpu")
-HALF_ONLY = common.skip_list(*GRID, keep=lambda m, p, l: common.runs_here(m, p) and p != "fp32")
-STOCK_GRID = (ALL_MODELS, ["fp32", "fp16"], LENGTH_CLASSES)
-STOCK_ON_TIER = common.skip_list(*STOCK_GRID, keep=lambda m, p, l: common.runs_here(m, p))
+TIER = config.TIER
+GRID = (config.ALL_MODELS, config.PRECISIONS, config.LENGTH_CLASSES)
+BASELINE_GRID = (config.ALL_MODELS, ["fp32", "fp16"], config.LENGTH_CLASSES)
+
+
+def measured(model: str, precision: str, length: str) -> bool:
+    return config.runs_here(model, precision) and length in config.METRIC_CLASSES[TIER]
+
+
+ON_TIER = config.skip_list(*GRID, keep=measured)
+GPU_ONLY = config.skip_list(*GRID, keep=lambda m, p, l: measured(m, p, l) and TIER == "gpu")
+HALF_ONLY = config.skip_list(*GRID, keep=lambda m, p, l: measured(m, p, l) and p != "fp32")
+BASELINE_ON_TIER = config.skip_list(*BASELINE_GRID, keep=measured)
+HOPPER_ON_TIER = config.skip_list(*config.HOPPER_GRID, keep=lambda m, p, l: TIER == "gpu" and measured(m, p, l))
 
 
 def setup_cache():
-    return common.measure_forward_metrics()
+    return measure.measure_metrics()
 
 
-setup_cache.timeout = 900
+setup_cache.timeout = 1800
 
 
-def _row(cache: dict, key: tuple) -> dict:
-    row = cache.get(key)
-    if row is None:
-        raise NotImplementedError(f"{key} not measured on the {common.TIER} tier")
-    return row
+class ForwardMetrics(CachedRow):
+    """The engine with the "bundled" kernels (PyTorch's flash kernel or SDPA, cuBLAS, Triton norm
+    kernels on CUDA) over each length class's token set, at its steady state (CUDA-graph replays
+    on a GPU)."""
 
-
-class ForwardMetrics:
     params = GRID
     param_names = ["model", "precision", "length"]
-    version = common.VERSION + ";metrics=" + common.METRICS_VERSION
-    timeout = 60
+    version = config.VERSION + ";metrics=" + config.METRICS_VERSION
 
-    def setup(self, cache, model, precision, length):
-        self.row = _row(cache, (model, precision, length))
-
+    @about("bundled kernels: forward tokens/s (real tokens, BOS/EOS included)", "tokens/s")
     @skip_for_params(ON_TIER)
     def track_tokens_per_second(self, cache, model, precision, length):
         return self.row["tokens_per_second"]
 
-    track_tokens_per_second.unit = "tokens/s"
-
+    @about("bundled kernels: MFU, % of the fp16 matmul rate measured in the run", "%")
     @skip_for_params(GPU_ONLY)
     def track_mfu(self, cache, model, precision, length):
         return self.row["mfu_percent"]
 
-    track_mfu.unit = "% of fp16 matmul peak (esmflash.perf.mfu_denominator)"
+    @about("bundled kernels: MFU, % of the card's datasheet dense fp16/bf16 peak (fixed denominator)", "%")
+    @skip_for_params(GPU_ONLY)
+    def track_mfu_datasheet(self, cache, model, precision, length):
+        return self.row["mfu_datasheet_percent"]
 
+    @about("bundled kernels: GPU memory at the pass's peak: weights + batch + activations", "bytes")
     @skip_for_params(GPU_ONLY)
     def track_gpu_peak_memory(self, cache, model, precision, length):
         return self.row["gpu_peak_memory_bytes"]
 
-    track_gpu_peak_memory.unit = "bytes"
-
+    @about("bundled kernels: GPU activation memory per token (the pass's peak above weights and batch)", "bytes")
     @skip_for_params(GPU_ONLY)
     def track_activation_bytes_per_token(self, cache, model, precision, length):
         return self.row["activation_bytes_per_token"]
 
-    track_activation_bytes_per_token.unit = "bytes/token"
-
+    @about("bundled kernels: speedup over the esmflash fp32 pass (same model, class and run)", "x")
     @skip_for_params(HALF_ONLY)
     def track_speedup_over_fp32(self, cache, model, precision, length):
-        return self.row["speedup_over_fp32"]
+        return self.ratio(cache, (model, "fp32", length))
 
-    track_speedup_over_fp32.unit = "x"
-
+    @about("bundled kernels: speedup over stock fair-esm fp32 on padded batches (same sequences and weights)", "x")
     @skip_for_params(ON_TIER)
     def track_speedup_over_stock_fp32(self, cache, model, precision, length):
-        return self.row["speedup_over_stock_fp32"]
+        return self.ratio(cache, ("stock", model, "fp32", length))
 
-    track_speedup_over_stock_fp32.unit = "x"
+    @about("bundled kernels: speedup over HF transformers EsmModel SDPA fp16 on padded batches (same sequences and weights)", "x")
+    @skip_for_params(GPU_ONLY)
+    def track_speedup_over_hf_fp16(self, cache, model, precision, length):
+        return self.ratio(cache, ("hf", model, "fp16", length))
 
+    @about("bundled kernels: max |x - ref| / max |ref| of the last layer vs the fp32 pass (same weights)", "relative")
     @skip_for_params(HALF_ONLY)
     def track_max_rel_error_vs_fp32(self, cache, model, precision, length):
         return self.row["max_rel_err_vs_fp32"]
 
-    track_max_rel_error_vs_fp32.unit = "relative"
 
+class HopperMetrics(CachedRow):
+    """ForwardMetrics of the "hopper" kernel set (FlashAttention-4 with PyTorch's flash kernel for
+    short batches, quack's epilogue GEMMs), in the same process; n/a where it cannot run."""
 
-class HopperMetrics:
-    """ForwardMetrics of the "hopper" kernel set (common.KERNEL_SETS: FlashAttention-4 and
-    quack's epilogue GEMMs, fc1 + GELU and QKV + rotary), measured in the same process as the bundled rows; n/a where
-    the set cannot run."""
-
-    params = HOPPER_GRID
+    params = config.HOPPER_GRID
     param_names = ["model", "precision", "length"]
-    version = common.HOPPER_VERSION + ";metrics=" + common.METRICS_VERSION
-    timeout = 60
+    version = config.HOPPER_VERSION + ";metrics=" + config.METRICS_VERSION
 
-    def setup(self, cache, model, precision, length):
-        self.row = _row(cache, ("hopper", model, precision, length))
+    def key(self, model, precision, length):
+        return ("hopper", model, precision, length)
 
+    @about("hopper kernels: forward tokens/s (real tokens, BOS/EOS included)", "tokens/s")
+    @skip_for_params(HOPPER_ON_TIER)
     def track_tokens_per_second(self, cache, model, precision, length):
         return self.row["tokens_per_second"]
 
-    track_tokens_per_second.unit = "tokens/s"
-
+    @about("hopper kernels: MFU, % of the fp16 matmul rate measured in the run", "%")
+    @skip_for_params(HOPPER_ON_TIER)
     def track_mfu(self, cache, model, precision, length):
         return self.row["mfu_percent"]
 
-    track_mfu.unit = "% of fp16 matmul peak (esmflash.perf.mfu_denominator)"
+    @about("hopper kernels: MFU, % of the card's datasheet dense fp16/bf16 peak (fixed denominator)", "%")
+    @skip_for_params(HOPPER_ON_TIER)
+    def track_mfu_datasheet(self, cache, model, precision, length):
+        return self.row["mfu_datasheet_percent"]
 
+    @about("hopper kernels: GPU activation memory per token", "bytes")
+    @skip_for_params(HOPPER_ON_TIER)
     def track_activation_bytes_per_token(self, cache, model, precision, length):
         return self.row["activation_bytes_per_token"]
 
-    track_activation_bytes_per_token.unit = "bytes/token"
-
+    @about("hopper kernels: speedup over stock fair-esm fp32 on padded batches", "x")
+    @skip_for_params(HOPPER_ON_TIER)
     def track_speedup_over_stock_fp32(self, cache, model, precision, length):
-        return self.row["speedup_over_stock_fp32"]
+        return self.ratio(cache, ("stock", model, "fp32", length))
 
-    track_speedup_over_stock_fp32.unit = "x"
-
+    @about("hopper kernels: speedup over the bundled kernels (same precision, class and run)", "x")
+    @skip_for_params(HOPPER_ON_TIER)
     def track_speedup_over_bundled(self, cache, model, precision, length):
-        return self.row["speedup_over_bundled"]
+        return self.ratio(cache, (model, precision, length))
 
-    track_speedup_over_bundled.unit = "x"
+    @about("hopper kernels: speedup over HF transformers EsmModel SDPA fp16 on padded batches", "x")
+    @skip_for_params(HOPPER_ON_TIER)
+    def track_speedup_over_hf_fp16(self, cache, model, precision, length):
+        return self.ratio(cache, ("hf", model, "fp16", length))
 
+    @about("hopper kernels: max |x - ref| / max |ref| of the last layer vs the fp32 pass", "relative")
+    @skip_for_params(HOPPER_ON_TIER)
     def track_max_rel_error_vs_fp32(self, cache, model, precision, length):
         return self.row["max_rel_err_vs_fp32"]
 
-    track_max_rel_error_vs_fp32.unit = "relative"
 
+class LargeBatchMemory(CachedRow):
+    """Activation memory at one 32k-token "mixed" batch of the engine as users get it (bundled
+    kernels, default micro-batch cap and CUDA graphs): the most any of its first, capture and
+    replay passes allocates above weights and batch, per token. Target: <= 12 KB for 650M fp16."""
 
-class LargeBatchMemory:
-    """Activation memory at one 32k-token batch (common.LARGE_BATCH_TOKENS, "mixed" lengths) of
-    the engine as users get it (bundled kernels, default micro-batch cap and CUDA graphs): the
-    most any of its first, capture and replay passes allocates above weights and batch, per
-    token (common.large_batch_activation_bytes). The issue's target: <= 12 KB for 650M fp16."""
-
-    params = (ALL_MODELS, common.HALF_PRECISIONS)
+    params = (config.ALL_MODELS, config.HALF_PRECISIONS)
     param_names = ["model", "precision"]
-    version = common.VERSION
-    timeout = 60
+    version = config.VERSION
 
-    def setup(self, cache, model, precision):
-        self.row = _row(cache, ("large_batch", model, precision))
+    def key(self, model, precision):
+        return ("large_batch", model, precision)
 
-    @skip_for_params(common.skip_list(ALL_MODELS, common.HALF_PRECISIONS,
-                                      keep=lambda m, p: common.runs_here(m, p) and common.TIER == "gpu"))
+    @about("bundled kernels: GPU activation memory per token at a 32k-token batch", "bytes")
+    @skip_for_params(config.skip_list(*params, keep=lambda m, p: config.runs_here(m, p) and TIER == "gpu"))
     def track_activation_bytes_per_token(self, cache, model, precision):
         return self.row["activation_bytes_per_token"]
 
-    track_activation_bytes_per_token.unit = "bytes/token"
 
-
-class StockBaseline:
+class StockBaseline(CachedRow):
     """Stock fair-esm ESM2.forward on BatchConverter batches (padded, length-sorted, at most the
     same token budget per batch, as extract.py), fp32 and `.half()`, same weights and sequences."""
 
-    params = STOCK_GRID
+    params = BASELINE_GRID
     param_names = ["model", "precision", "length"]
-    version = common.VERSION
-    timeout = 60
+    version = config.VERSION
 
-    def setup(self, cache, model, precision, length):
-        self.row = _row(cache, ("stock", model, precision, length))
+    def key(self, model, precision, length):
+        return ("stock", model, precision, length)
 
-    @skip_for_params(STOCK_ON_TIER)
+    @about("stock fair-esm tokens/s on padded batches (real tokens)", "tokens/s")
+    @skip_for_params(BASELINE_ON_TIER)
     def track_stock_tokens_per_second(self, cache, model, precision, length):
         return self.row["tokens_per_second"]
 
-    track_stock_tokens_per_second.unit = "tokens/s"
+
+class HFBaseline(CachedRow):
+    """Hugging Face transformers EsmModel (attn_implementation "sdpa", attention_mask passed) on
+    length-sorted padded batches of the same sequences (same token budget, padding counted), with
+    the esmflash model's weights (esmflash.bench.hf), fp32 and fp16 (the CPU tier: fp32)."""
+
+    params = BASELINE_GRID
+    param_names = ["model", "precision", "length"]
+    version = config.HF_VERSION
+
+    def key(self, model, precision, length):
+        return ("hf", model, precision, length)
+
+    @about("HF EsmModel SDPA tokens/s on padded batches (real tokens)", "tokens/s")
+    @skip_for_params(BASELINE_ON_TIER)
+    def track_hf_tokens_per_second(self, cache, model, precision, length):
+        return self.row["tokens_per_second"]
+
+    @about("HF EsmModel: max |x - ref| / max |ref| of the last hidden state vs esmflash fp32", "relative")
+    @skip_for_params(BASELINE_ON_TIER)
+    def track_hf_max_rel_error_vs_fp32(self, cache, model, precision, length):
+        return self.row["max_rel_err_vs_fp32"]
 
 
-class MatmulPeak:
+class MatmulPeak(CachedRow):
     """The dense fp16 8192^3 matmul rate measured in the metrics process (GPU tier): how far this
     card's clocks were from the fixed per-model MFU denominator during the run."""
 
-    version = common.VERSION
-    timeout = 60
+    version = config.VERSION
 
-    def setup(self, cache):
-        if "matmul_peak" not in cache:
-            raise NotImplementedError(f"no matmul peak on the {common.TIER} tier")
-        self.peak = cache["matmul_peak"]
+    def key(self):
+        return "matmul_peak"
 
+    @about("dense fp16 8192^3 matmul rate measured in the metrics process", "TFLOP/s")
     def track_matmul_peak_tflops(self, cache):
-        return self.peak["measured_flops"] / 1e12
+        return self.row["measured_flops"] / 1e12
 
-    track_matmul_peak_tflops.unit = "TFLOP/s"
+
+class RunConditions(CachedRow):
+    """The GPU's conditions at the start and the end of the metrics process
+    (esmflash.bench.conditions.snapshot: NVML or nvidia-smi); n/a on the CPU tier."""
+
+    params = config.MOMENTS
+    param_names = ["moment"]
+    version = config.CONDITIONS_VERSION
+
+    def key(self, moment):
+        return ("conditions", moment)
+
+    @about("SM clock", "MHz")
+    @skip_for_params(config.skip_list(config.MOMENTS, keep=lambda m: TIER == "gpu"))
+    def track_sm_clock_mhz(self, cache, moment):
+        return self.row["sm_clock_mhz"]
+
+    @about("GPU temperature", "°C")
+    @skip_for_params(config.skip_list(config.MOMENTS, keep=lambda m: TIER == "gpu"))
+    def track_temperature_c(self, cache, moment):
+        return self.row["temperature_c"]
+
+    @about("enforced power limit", "W")
+    @skip_for_params(config.skip_list(config.MOMENTS, keep=lambda m: TIER == "gpu"))
+    def track_power_limit_w(self, cache, moment):
+        return self.row["power_limit_w"]
+
+    @about("throttled: 1 if a clock-event reason other than idle / applications clocks is active", "0/1")
+    @skip_for_params(config.skip_list(config.MOMENTS, keep=lambda m: TIER == "gpu"))
+    def track_throttled(self, cache, moment):
+        return self.row["throttled"]

@@ -1,13 +1,16 @@
 """The packed ESM-2 engine against stock fair-esm, on CPU in fp32, with real (seeded random or
 checkpoint) weights: forward equivalence, packing independence, checkpoint loading, precision
-wiring, attention backend selection, numerical checks and FLOP counts."""
+wiring, backend selection through `PackedESM2.configure`, numerical checks and FLOP counts."""
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import random
 import re
+import shutil
+import tempfile
 
 import esm
 import pytest
@@ -20,28 +23,32 @@ from esmflash import (
     BackendUnavailableError,
     FlashAttentionNotActiveError,
     NumericalError,
+    TokenBudgetError,
     available_backends,
     cast_model,
     compare_to_reference,
+    embed,
     load_esm2_model,
     pack_sequences,
     relative_errors,
     resolve_backend,
     verify_flashattention_active,
 )
-from esmflash.attention import varlen_attention
-from esmflash.embed import split_per_sequence
-from esmflash.epilogue import linear_gelu, resolve_gemm_backend
-from esmflash.models import DEFAULT_MICRO_BATCH_TOKENS, find_checkpoint
-from esmflash.packing import build_batch, prepare_segments, split_batch
-from esmflash.perf import forward_flops, mfu_denominator
+from esmflash.batch import split_batch
+from esmflash.bench.perf import forward_flops, mfu_denominator
+from esmflash.config import DEFAULT_MICRO_BATCH_TOKENS
+from esmflash.kernels import GEMM
+from esmflash.kernels.attention import varlen_attention
+from esmflash.model import find_checkpoint
+from esmflash.pipeline.packing import build_batch, prepare_segments
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 TOL = 1e-5
 MODELS = ["esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D"]
-
-
-
+# An empty folder that every weights search of a test points at: no real checkpoint on this machine
+# (fair-esm's torch hub, $ESMFLASH_WEIGHTS, the Hugging Face cache) can stand in for random weights.
+NO_WEIGHTS = tempfile.mkdtemp(prefix="esmflash-no-weights-")
+atexit.register(shutil.rmtree, NO_WEIGHTS, True)
 
 
 @pytest.fixture(autouse=True)
@@ -53,12 +60,26 @@ def _inference_mode():
 # ----------------------------------------------------------------------------- fixtures & helpers
 
 
+def hide_weights(mp: pytest.MonkeyPatch, folder: str | os.PathLike = NO_WEIGHTS) -> None:
+    """Point every place esmflash looks for weights at `folder` (empty unless a test fills it)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        mp.delenv(var, raising=False)
+    for var in ("ESMFLASH_WEIGHTS", "TORCH_HOME", "HF_HOME", "XDG_CACHE_HOME"):
+        mp.setenv(var, str(folder))
+
+
 def _load(name: str, **kw):
-    """A released name with seeded random weights: hide any real checkpoint on this machine."""
+    """A released name with seeded random weights (asked for explicitly), no real checkpoint."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("ESMFLASH_WEIGHTS", raising=False)
-        mp.setenv("TORCH_HOME", "/nonexistent-esmflash-test-hub")
-        return load_esm2_model(name, **{"precision": "fp32", "device": "cpu", **kw})
+        hide_weights(mp)
+        return load_esm2_model(name, **{"precision": "fp32", "device": "cpu", "random_weights": True, **kw})
+
+
+def split_per_sequence(x: torch.Tensor, batch, residues_only: bool = True) -> list[torch.Tensor]:
+    """Packed [T, ...] -> one tensor per sequence in batch order ([L_i, ...]; BOS/EOS dropped
+    when residues_only)."""
+    out = list(torch.split(x, batch.lengths))
+    return [t[1:-1] for t in out] if residues_only else out
 
 
 @pytest.fixture(scope="module")
@@ -325,6 +346,7 @@ def test_find_checkpoint_uses_esmflash_weights(tmp_path, monkeypatch):
     name = "esm2_t6_8M_UR50D"
     hub = tmp_path / "hub"
     (hub / "hub" / "checkpoints").mkdir(parents=True)
+    hide_weights(monkeypatch, tmp_path / "empty")
     monkeypatch.setenv("TORCH_HOME", str(hub))
     monkeypatch.delenv("ESMFLASH_WEIGHTS", raising=False)
     assert find_checkpoint(name) is None
@@ -372,9 +394,11 @@ def test_bf16_on_cpu(model8):
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     # same seed, same weights: the fp32 weights rounded to bf16
     assert torch.equal(bf16.layers[0].fc1.weight, model8.layers[0].fc1.weight.to(torch.bfloat16))
-    cos, sin = bf16.rotary_tables(torch.arange(1024))
+    # the rotary operands the bf16 model's GEMM backend runs with are fp32, equal to the fp32 model's
+    positions = torch.arange(1024)
+    cos, sin = GEMM[bf16.gemm_backend].rotary_operands(positions, bf16.head_dim, None)
     assert cos.dtype == sin.dtype == torch.float32
-    ref_cos, ref_sin = model8.rotary_tables(torch.arange(1024))
+    ref_cos, ref_sin = GEMM[model8.gemm_backend].rotary_operands(positions, model8.head_dim, None)
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
 
     fp32 = cast_model(bf16, "fp32")
@@ -401,44 +425,51 @@ def test_auto_backend_is_sdpa_on_cpu(model8):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         assert resolve_backend("auto", "cpu", dtype) == "sdpa"
         assert available_backends("cpu", dtype) == ["sdpa"]
-    assert model8.attention_backend == "sdpa"
-    assert model8.set_attention_backend("sdpa") == "sdpa"
+    assert model8.attention_backend == "sdpa" == model8.engine.attention
+    before = model8.engine
+    assert model8.configure(attention="sdpa").attention == "sdpa"
+    assert model8.engine == before  # naming the backend auto picked resolves to the same engine
+    model8.configure("auto")
 
 
 @pytest.mark.parametrize("name", ["torch_flash", "flash_attn", "fa4", "fa4+torch_flash"])
 def test_flash_backends_unavailable_on_cpu(model8, name):
     with pytest.raises(BackendUnavailableError, match=re.escape(f"{name!r} unavailable")):
         resolve_backend(name, "cpu", torch.bfloat16)
+    before = model8.engine, model8.engine_request
     with pytest.raises(BackendUnavailableError, match=re.escape(name)):
-        model8.set_attention_backend(name)
+        model8.configure(attention=name)
     assert model8.attention_backend == "sdpa"  # a refused backend leaves the model unchanged
+    assert (model8.engine, model8.engine_request) == before
     with pytest.raises(BackendUnavailableError, match=re.escape(name)):
-        _load("esm2_t6_8M_UR50D", precision="bf16", attention=name)
+        _load("esm2_t6_8M_UR50D", precision="bf16", engine={"attention": name})
 
 
 def test_gemm_backend_on_cpu(model8):
     """auto is cuBLAS off Hopper; quack is refused with the reason, and the model keeps its
     backend; the cublas linear_gelu is exactly F.gelu(F.linear(...))."""
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        assert resolve_gemm_backend("auto", "cpu", dtype) == "cublas"
+        assert GEMM.resolve("auto", "cpu", dtype) == "cublas"
     assert model8.gemm_backend == "cublas"
     with pytest.raises(BackendUnavailableError, match="'quack' unavailable: quack needs a CUDA device"):
-        model8.set_gemm_backend("quack")
+        model8.configure(gemm="quack")
     assert model8.gemm_backend == "cublas"
     with pytest.raises(BackendUnavailableError, match="unknown GEMM backend 'cutlass'"):
-        resolve_gemm_backend("cutlass", "cpu", torch.float16)
+        GEMM.resolve("cutlass", "cpu", torch.float16)
     with pytest.raises(BackendUnavailableError, match="quack"):
-        _load("esm2_t6_8M_UR50D", precision="bf16", gemm="quack")
+        _load("esm2_t6_8M_UR50D", precision="bf16", engine={"gemm": "quack"})
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(5, 8, generator=g), torch.randn(32, 8, generator=g), torch.randn(32, generator=g)
-    assert torch.equal(linear_gelu(x, w, b), torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)))
+    assert torch.equal(GEMM["cublas"].linear_gelu(x, w, b),
+                       torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)))
 
 
 def test_unknown_backend_raises(model8):
     with pytest.raises(BackendUnavailableError, match="unknown attention backend 'xformers'"):
         resolve_backend("xformers", "cpu", torch.float32)
     with pytest.raises(BackendUnavailableError, match="xformers"):
-        model8.set_attention_backend("xformers")
+        model8.configure(attention="xformers")
+    assert model8.attention_backend == "sdpa"
     q = torch.zeros(3, 1, 4)
     with pytest.raises(BackendUnavailableError, match="unknown attention backend"):
         varlen_attention("xformers", q, q, q, torch.tensor([0, 3], dtype=torch.int32), 3, 0.5)
@@ -539,9 +570,9 @@ def test_micro_batched_forward_matches_one_pass(model8):
     batch = pack_sequences(records, model8.alphabet, 4096)[0]
     layers = [0, 3, model8.num_layers]
     model = cast_model(model8, "fp32")
-    model.set_micro_batch_tokens(None)
+    assert model.configure(micro_batch_tokens=None).micro_batch_tokens is None
     whole = model.forward_packed(batch, repr_layers=layers, return_logits=True)
-    assert model.set_micro_batch_tokens(256) == 256
+    assert model.configure(micro_batch_tokens=256).micro_batch_tokens == 256 == model.micro_batch_tokens
     pieces = model.forward_packed(batch, repr_layers=layers, return_logits=True)
     assert batch.num_tokens > 4 * 256  # at least five pieces
     assert sorted(pieces["representations"]) == layers
@@ -549,9 +580,10 @@ def test_micro_batched_forward_matches_one_pass(model8):
         torch.testing.assert_close(pieces["representations"][layer], whole["representations"][layer],
                                    rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pieces["logits"], whole["logits"], rtol=1e-5, atol=1e-5)
-    assert model.set_micro_batch_tokens(0) is None
+    assert model.configure(micro_batch_tokens=0).micro_batch_tokens is None  # 0: never split
     with pytest.raises(ValueError, match=">= 0"):
-        model.set_micro_batch_tokens(-1)
+        model.configure(micro_batch_tokens=-1)
+    assert model.micro_batch_tokens is None  # a refused setting leaves the model unchanged
 
 
 def test_micro_batched_numerical_error_names_the_sequence_in_its_piece(model8):
@@ -559,15 +591,26 @@ def test_micro_batched_numerical_error_names_the_sequence_in_its_piece(model8):
     poisoned.embed_tokens.weight[poisoned.alphabet.get_idx("W")] = float("inf")
     records = [(f"clean-{i}", "ACDEFGHIKLMNPQRSTVY" * 3) for i in range(12)] + [("late-poisoned", "MKTWAYIAKQR")]
     batch = pack_sequences(records, poisoned.alphabet, 4096)[0]
-    poisoned.set_micro_batch_tokens(128)
+    poisoned.configure(micro_batch_tokens=128)
     assert "late-poisoned" not in split_batch(batch, 128)[0][1].ids  # it runs in a later piece
     with pytest.raises(NumericalError, match="final layer norm.*'late-poisoned'$") as info:
         poisoned.forward_packed(batch)
     assert info.value.seq_ids == ["late-poisoned"]
 
 
+def test_sequence_over_the_micro_batch_cap_names_the_cap(model8):
+    model = cast_model(model8, "fp32", {"micro_batch_tokens": 32})
+    batch = pack_sequences([("x", "A" * 60)], model.alphabet, 100)[0]
+    with pytest.raises(TokenBudgetError, match="'x': needs 62 tokens.*micro_batch_tokens is 32"):
+        model.forward_packed(batch)
+    with pytest.raises(TokenBudgetError, match="micro_batch_tokens is 32"):
+        embed(model, [("x", "A" * 60)], max_tokens=100)
+
+
 def test_cuda_graphs_and_micro_batch_defaults_on_cpu(model8):
-    assert model8.cuda_graphs is False  # default None: CUDA only
+    assert model8.cuda_graphs is False and model8.runner.graphs is None  # default None: CUDA only
     assert model8.micro_batch_tokens == DEFAULT_MICRO_BATCH_TOKENS == 16384
-    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
-        cast_model(model8, "fp32").set_cuda_graphs(True)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        cast_model(model8, "fp32").configure(cuda_graphs=True)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        _load("esm2_t6_8M_UR50D", engine={"cuda_graphs": True})

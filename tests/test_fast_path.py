@@ -20,18 +20,19 @@ from test_engine import (
     stock_reference,
 )
 
-from esmflash import cast_model, pack_sequences, relative_errors
 import torch.nn.functional as F
 
-from esmflash.epilogue import interleave_rotary_rows
-from esmflash.fused import (
-    attention_inputs,
-    attention_inputs_eager,
+from esmflash import BackendUnavailableError, cast_model, pack_sequences, relative_errors
+from esmflash.kernels import GEMM, NORM
+from esmflash.kernels.rotary import (
+    interleave_rotary_rows,
     rotary_half_tables,
     rotary_inv_freq,
     rotate_qk,
     rotate_qk_,
 )
+from esmflash.model.layers import COMPILE_OPTIONS, compiled_layer_functions, eager_layer_functions, first
+from esmflash.model.runner import layer_weights
 
 # inductor's own compile step calls a deprecated torch.jit API
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -70,7 +71,8 @@ def _qkv_storages(model) -> list[tuple[int, int]]:
 
 def _assert_fused(model) -> None:
     """q/k/v parameters are consecutive blocks of the fused tensors forward_packed uses."""
-    fused = model._fused_qkv()
+    assert not GEMM[model.gemm_backend].interleaved  # cuBLAS (the CPU's) reads the fused tensors
+    fused = model.qkv_weights()
     for layer, (w, b) in zip(model.layers, fused):
         a = layer.self_attn
         d = a.q_proj.weight.shape[0]
@@ -114,24 +116,28 @@ def test_rotate_qk_matches_original_formula(dtype):
 
 
 def test_rotary_tables_unchanged(model8):
-    """Full tables are the half tables twice, and equal the original formula bit for bit."""
+    """The half tables the model runs with (its GEMM backend's rotary operands), taken twice, are
+    the original full tables, equal to the original formula bit for bit."""
     positions = torch.arange(1024)
     dh = model8.embed_dim // model8.attention_heads
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh))
+    assert torch.equal(rotary_inv_freq(dh), inv_freq)
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = model8.rotary_tables(positions)
+    table = model8.qkv.rotary_table(model8.gemm_backend, dh, model8.embed_dim, model8.device)
+    cos_h, sin_h = GEMM[model8.gemm_backend].rotary_operands(positions, dh, table)
+    cos, sin = torch.cat((cos_h, cos_h), dim=-1), torch.cat((sin_h, sin_h), dim=-1)
     assert cos.dtype == sin.dtype == torch.float32
     assert torch.equal(cos, angles.cos()) and torch.equal(sin, angles.sin())
 
 
 def test_eager_and_pure_attention_inputs_agree(model8):
-    layer = model8.layers[1]
-    ln = layer.self_attn_layer_norm
-    w, b = model8._fused_qkv()[1]
+    """layers.first with rotary in place (the eager path) and out of place (the compiled form)."""
+    inputs, _ = layer_weights(model8, model8.qkv_weights())
     x = torch.randn(50, model8.embed_dim, generator=torch.Generator().manual_seed(1))
-    args = (x, ln.weight, ln.bias, ln.eps, w, b, model8.head_dim, rotary_half_tables(torch.arange(50), model8.head_dim))
-    for a, r in zip(attention_inputs_eager(*args), attention_inputs(*args)):
+    args = (x, inputs[1], model8.head_dim, rotary_half_tables(torch.arange(50), model8.head_dim))
+    cublas = GEMM["cublas"]
+    for a, r in zip(first(*args, gemm=cublas, in_place=True), first(*args, gemm=cublas, in_place=False)):
         assert a.shape == (50, model8.attention_heads, model8.embed_dim // model8.attention_heads)
         assert a.stride(-1) == 1
         assert relative_errors(a, r)[0] <= 1e-6
@@ -143,20 +149,25 @@ def _deinterleave(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_interleaved_qkv_rows_give_esm_rotary_and_attention(model8):
-    """The quack backend's layout (esmflash.epilogue): q/k rows interleaved per head, rotary on
-    adjacent pairs (the epilogue's math, here in fp32 torch) = ESM-2's rotate-half rotary on
-    fair-esm's layout, element for element after de-interleaving; attention scores and outputs
-    are the same without de-interleaving; v is not moved."""
+    """The quack backend's layout (esmflash.kernels.gemm, GEMM["quack"].interleaved): q/k rows
+    interleaved per head, rotary on adjacent pairs (the epilogue's math, here in fp32 torch) =
+    ESM-2's rotate-half rotary on fair-esm's layout, element for element after de-interleaving;
+    attention scores and outputs are the same without de-interleaving; v is not moved. The
+    QKVStore's copies for quack are exactly these rows."""
     layer = model8.layers[2]
     ln = layer.self_attn_layer_norm
-    w, b = model8._fused_qkv()[2]
+    w, b = model8.qkv_weights()[2]
     dh, d, heads = model8.head_dim, model8.embed_dim, model8.attention_heads
+    assert GEMM["quack"].interleaved and not GEMM["cublas"].interleaved
     w_il, b_il = interleave_rotary_rows(w, dh, 2 * d), interleave_rotary_rows(b, dh, 2 * d)
+    copy_w, copy_b = cast_model(model8, "fp32").qkv.weights(model8.layers, "quack", dh)[2]
+    assert torch.equal(copy_w, w_il) and torch.equal(copy_b, b_il)
     assert w_il.is_contiguous() and torch.equal(w_il[2 * d :], w[2 * d :]) and torch.equal(b_il[2 * d :], b[2 * d :])
     assert torch.equal(_deinterleave(w_il[: 2 * d].T.reshape(d, 2 * heads, dh)).reshape(d, 2 * d).T, w[: 2 * d])
     positions = torch.cat([torch.arange(30), torch.arange(21)])
     x = torch.randn(len(positions), d, generator=torch.Generator().manual_seed(3))
-    q, k, v = attention_inputs(x, ln.weight, ln.bias, ln.eps, w, b, dh, rotary_half_tables(positions, dh))
+    inputs, _ = layer_weights(model8, model8.qkv_weights())
+    q, k, v = first(x, inputs[2], dh, rotary_half_tables(positions, dh), gemm=GEMM["cublas"])
     h = F.layer_norm(x, (d,), ln.weight, ln.bias, ln.eps)
     y = F.linear(h, w_il, b_il).view(len(positions), 3, heads, dh)
     angles = positions.float()[:, None] * rotary_inv_freq(dh)[None, :]  # [T, Dh/2]: pair j's angle
@@ -235,7 +246,7 @@ def test_cast_copies_pickles_and_replaced_parameters_are_refused(model8):
     half = cast_model(model8, "bf16")
     _assert_fused(half)
     assert half.dtype == torch.bfloat16
-    assert torch.equal(half._fused_qkv()[0][0], model8._fused_qkv()[0][0].to(torch.bfloat16))
+    assert torch.equal(half.qkv_weights()[0][0], model8.qkv_weights()[0][0].to(torch.bfloat16))
     assert {s for pair in _qkv_storages(half) for s in pair}.isdisjoint(
         {s for pair in _qkv_storages(model8) for s in pair}
     )
@@ -243,9 +254,16 @@ def test_cast_copies_pickles_and_replaced_parameters_are_refused(model8):
     double = cast_model(model8, "fp32").to(torch.float64)
     _assert_fused(double)
     assert double.dtype == torch.float64
-    # deepcopy and pickle do not carry the fused views (which would duplicate memory)
-    for clone in (copy.deepcopy(model8), pickle.loads(pickle.dumps(model8))):
-        assert clone._qkv_cache is None
+    # deepcopy and pickle do not carry the fused views or quack's interleaved copies (which would
+    # duplicate memory): the copy starts with an empty QKVStore and lays q/k/v out on first use
+    with_copies = cast_model(model8, "fp32")
+    pickled_without = len(pickle.dumps(with_copies))
+    interleaved = with_copies.qkv.weights(with_copies.layers, "quack", with_copies.head_dim)  # +25% of q/k/v
+    extra = sum(t.numel() * t.element_size() for pair in interleaved for t in pair)
+    assert abs(len(pickle.dumps(with_copies)) - pickled_without) < extra / 100
+    for clone in (copy.deepcopy(model8), pickle.loads(pickle.dumps(model8)), copy.deepcopy(with_copies)):
+        assert clone.qkv is not model8.qkv and clone.qkv is not with_copies.qkv
+        assert clone.qkv.version == 0  # nothing derived was carried over
         _assert_fused(clone)
         assert _qkv_storages(clone) != _qkv_storages(model8)
     # a replaced parameter (or a submodule cast on its own) is re-fused by the next forward
@@ -255,7 +273,7 @@ def test_cast_copies_pickles_and_replaced_parameters_are_refused(model8):
     replaced.layers[1].self_attn.k_proj.double().float()  # a submodule cast on its own
     _assert_fused(replaced)
     assert replaced.layers[0].self_attn.q_proj.weight is new_q  # re-pointed, not replaced
-    assert torch.equal(replaced._fused_qkv()[0][0][:320], new_q * 1)
+    assert torch.equal(replaced.qkv_weights()[0][0][:320], new_q * 1)
 
 
 def test_gradients_reach_qkv_parameters(model8):
@@ -276,25 +294,34 @@ def test_gradients_reach_qkv_parameters(model8):
 
 
 def test_forward_impl_selection(model8):
-    assert model8.forward_impl == "eager" and model8.compile_mode is None
+    assert model8.forward_impl == "eager" and model8.engine.compile_mode is None
     m, _ = _load("esm2_t6_8M_UR50D")  # compile=None: compiled on CUDA, eager on this CPU
+    assert m.forward_impl == "eager" and m.engine.compile is False
+    m.configure(compile=None)
     assert m.forward_impl == "eager"
-    assert m.set_compile(None) == "eager" and m.set_compile(True) == "compiled"
-    m, _ = _load("esm2_t6_8M_UR50D", compile=True)
+    m.configure(compile=True)
+    assert m.forward_impl == "compiled" and m.engine.compile is True
+    m, _ = _load("esm2_t6_8M_UR50D", engine={"compile": True})
     assert m.forward_impl == "compiled"
-    assert cast_model(m, "fp32").forward_impl == "compiled"
-    assert cast_model(m, "fp32", compile=False).forward_impl == "eager"
-    assert m.set_compile(False) == "eager" and m.set_compile(True, mode="max-autotune") == "compiled"
-    assert m.compile_mode == "max-autotune"
-    m.forward_impl = "bogus"
-    batch = pack_sequences([("a", "ACD")], m.alphabet, 64)[0]
-    with pytest.raises(ValueError, match="forward_impl"):
-        m.forward_packed(batch)
+    assert cast_model(m, "fp32").forward_impl == "compiled"  # the copy keeps the model's request
+    assert cast_model(m, "fp32", {"compile": False}).forward_impl == "eager"
+    m.configure(compile=False)
+    assert m.forward_impl == "eager" and m.engine.compile_mode is None
+    m.configure(compile=True, compile_mode="max-autotune")
+    assert m.forward_impl == "compiled" and m.engine.compile_mode == "max-autotune"
+    m.configure(compile=False)
+    assert m.engine.compile_mode is None  # a mode only where compiled
+    # the engine is changed through configure only: the views of it are read-only
+    for name, value in (("forward_impl", "bogus"), ("attention_backend", "fa4"), ("gemm_backend", "quack"),
+                        ("norm_backend", "triton"), ("cuda_graphs", True), ("micro_batch_tokens", 1)):
+        with pytest.raises(AttributeError):
+            setattr(m, name, value)
+    assert m.forward_impl == "eager" and m.attention_backend == "sdpa" and m.micro_batch_tokens == 16384
 
 
 @pytest.fixture(scope="module")
 def compiled8(model8):
-    return cast_model(model8, "fp32", "sdpa", compile=True)
+    return cast_model(model8, "fp32", {"attention": "sdpa", "compile": True})
 
 
 def test_compiled_matches_stock_and_eager(compiled8, model8):
@@ -326,3 +353,53 @@ def test_compiled_matches_stock_and_eager(compiled8, model8):
         [6, "logits"],
     )
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_interleaved_copies_follow_weight_edits_in_place(model8):
+    """QKVStore's quack copies: an in-place edit of a q/k/v parameter refreshes them in place (the
+    same addresses, so captured CUDA graphs stay valid); parameters laid out anew (a new fused
+    tensor, e.g. after .to()) give new copies and a new version, which keys the graphs."""
+    model = cast_model(model8, "fp32")
+    dh, d = model.head_dim, model.embed_dim
+    copies = model.qkv.weights(model.layers, "quack", dh)
+    addresses = [(w.data_ptr(), b.data_ptr()) for w, b in copies]
+    version = model.qkv_version()
+    model.layers[1].self_attn.k_proj.weight.mul_(2.0)
+    model.layers[3].self_attn.q_proj.bias.add_(1.0)
+    again = model.qkv.weights(model.layers, "quack", dh)
+    assert [(w.data_ptr(), b.data_ptr()) for w, b in again] == addresses and model.qkv_version() == version
+    for (w, b), (w_il, b_il) in zip(model.qkv_weights(), again):
+        assert torch.equal(w_il, interleave_rotary_rows(w, dh, 2 * d))
+        assert torch.equal(b_il, interleave_rotary_rows(b, dh, 2 * d))
+    model.to(torch.float64)  # new parameter tensors: laid out again
+    assert model.qkv_version() > version
+    moved = model.qkv.weights(model.layers, "quack", dh)
+    assert moved[0][0].dtype == torch.float64
+    assert torch.equal(moved[1][0], interleave_rotary_rows(model.qkv_weights()[1][0], dh, 2 * d))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: plain pickle (and deepcopy) of a PackedESM2 copies each layer's "
+                   "fused q/k/v storage once per parameter: q, k and v each carry the whole [3D, D] buffer")
+def test_pickle_keeps_fused_qkv_storage_once(model8):
+    """Stock ESM2 pickles to its parameter bytes; the packed model should too (torch.save does)."""
+    param_bytes = sum(p.numel() * p.element_size() for p in model8.parameters())
+    assert len(pickle.dumps(ESM2(num_layers=6, embed_dim=320, attention_heads=20))) < 1.01 * param_bytes
+    assert len(pickle.dumps(model8)) < 1.01 * param_bytes  # 1.49x: q/k/v bytes pickled three times
+    clone = copy.deepcopy(model8)
+    attn = clone.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().nbytes() == attn.q_proj.weight.numel() * 3 * 4 and \
+        attn.q_proj.weight.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
+
+
+def test_layer_functions_per_backend_pair():
+    """Eager layer functions bind the backend objects; compiled ones are built once per
+    (mode, gemm, norm) and shared by every model and layer; inductor options exist per norm backend."""
+    eager = eager_layer_functions("cublas", "torch")
+    assert eager.first.keywords == {"gemm": GEMM["cublas"], "in_place": True}
+    assert eager.boundary.keywords == {"gemm": GEMM["cublas"], "norm": NORM["torch"], "in_place": True}
+    assert eager.last.keywords == {"gemm": GEMM["cublas"], "norm": NORM["torch"]}
+    assert compiled_layer_functions(None, "cublas", "torch") is compiled_layer_functions(None, "cublas", "torch")
+    assert compiled_layer_functions(None, "cublas", "torch") is not compiled_layer_functions(None, "cublas", "triton")
+    assert set(COMPILE_OPTIONS) == set(NORM.names())
+    with pytest.raises(BackendUnavailableError, match="unknown GEMM backend 'cutlass'"):
+        eager_layer_functions("cutlass", "torch")

@@ -13,22 +13,25 @@ import random
 
 import pytest
 import torch
-from test_fast_path import _deinterleave
 
 from esmflash import (
     FlashAttentionNotActiveError,
     cast_model,
+    embed,
     load_esm2_model,
     pack_sequences,
     relative_errors,
-    split_per_sequence,
     verify_flashattention_active,
 )
-from esmflash.attention import backend_unavailable_reason
-from esmflash.epilogue import gemm_unavailable_reason, interleave_rotary_rows
-from esmflash.fused import attention_inputs, rotary_half_tables
-from esmflash.models import PRECISIONS
-from esmflash.perf import REFERENCE_MATMUL_PEAK_FLOPS, mfu_denominator
+from esmflash.bench.perf import DATASHEET_PEAK_FLOPS, REFERENCE_MATMUL_PEAK_FLOPS, datasheet_peak_flops, mfu_denominator
+from esmflash.kernels import ATTENTION, GEMM, NORM, LayerNormWeights
+from esmflash.kernels.rotary import interleave_rotary_rows, rotary_half_tables
+from esmflash.model import PRECISIONS
+from esmflash.model.layers import InputWeights, first
+from esmflash.model.pooling import segment_mean
+from esmflash.pipeline.packing import ShapePolicy, pack_items, prepare_segments
+
+CUDA = torch.device("cuda")
 
 pytestmark = [
     pytest.mark.gpu,
@@ -56,9 +59,22 @@ def _records(n_tokens: int = 8192, seed: int = 7) -> list[tuple[str, str]]:
     return recs
 
 
+def _split(x: torch.Tensor, batch) -> list[torch.Tensor]:
+    """Packed [T, ...] -> one [L_i + 2, ...] tensor per sequence of the batch, in batch order."""
+    return list(torch.split(x[: sum(batch.lengths)], batch.lengths))
+
+
+def _deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """[..., Dh] in the pairs order [0, Dh/2, 1, Dh/2+1, ...] -> fair-esm's halves order."""
+    return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+
+
 @pytest.fixture(scope="module")
 def reference():
-    model, _ = load_esm2_model(MODEL, precision="fp32", device="cuda", attention="sdpa", seed=0)
+    model, _ = load_esm2_model(MODEL, precision="fp32", device="cuda", engine={"attention": "sdpa"},
+                               random_weights=True, seed=0)
     return model
 
 
@@ -67,16 +83,43 @@ def reference():
 def test_flash_kernels_run(reference, precision, backend):
     """verify_flashattention_active passes with the backend's kernels ("fa4+torch_flash": both,
     each on its own batch) and fails once the model runs sdpa."""
-    reason = backend_unavailable_reason(backend, torch.device("cuda"), PRECISIONS[precision])
+    reason = ATTENTION.unavailable_reason(backend, CUDA, PRECISIONS[precision])
     if reason is not None:
         pytest.skip(reason)
-    model = cast_model(reference, precision, backend, gemm="cublas")
+    model = cast_model(reference, precision, {"attention": backend, "gemm": "cublas"})
     names = verify_flashattention_active(model)
     print(f"\n{precision} {backend} kernels: {names}")
     assert names
-    model.set_attention_backend("sdpa")
+    model.configure(attention="sdpa")
     with pytest.raises(FlashAttentionNotActiveError):
         verify_flashattention_active(model)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_every_registered_backend_runs(reference, precision):
+    """Every backend of every registry that can run here runs a packed pass on this GPU and gives
+    the fp32 reference's last layer within the precision's error; the ones that cannot run say why.
+    The figures are printed (the record of which backends ran on which card)."""
+    dtype = PRECISIONS[precision]
+    batch = pack_sequences(_records(4096, seed=5), reference.alphabet, 4096)[0].to("cuda")
+    layer = reference.num_layers
+    ref = reference.forward_packed(batch, [layer])["representations"][layer]
+    bound = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 8e-2}[precision]
+    for kind, registry in (("attention", ATTENTION), ("gemm", GEMM), ("norm", NORM)):
+        for name in registry.names():
+            reason = registry.unavailable_reason(name, CUDA, dtype)
+            if reason is not None:
+                print(f"\n{torch.cuda.get_device_name()} {precision} {kind} {name}: not run ({reason})")
+                continue
+            fields = {"attention": "sdpa" if dtype == torch.float32 else "torch_flash", "gemm": "cublas",
+                      "norm": "torch", "compile": False, kind: name}  # eager: proves the kernel runs, no compile
+            model = cast_model(reference, precision, fields)
+            out = model.forward_packed(batch, [layer])["representations"][layer]
+            err = relative_errors(out, ref)[0]
+            print(f"\n{torch.cuda.get_device_name()} {precision} {kind} {name}: ran, max rel err vs fp32 {err:.2e}")
+            assert err < bound, (kind, name, err)
+            del model
 
 
 @torch.no_grad()
@@ -85,26 +128,26 @@ def test_fa4_tiles_agree(precision):
     """FA4's forward at other tiles (the measurement hook of tools/tune_attention.py) gives what
     FA4's own pick and PyTorch's flash kernel give, on packed lengths 3..1024 tokens; the
     "fa4+torch_flash" backend runs exactly one of the two, picked by the longest sequence."""
-    from esmflash.attention import FA2_MAX_SEQLEN, fa4_forward, parse_fa4_tile, varlen_attention
+    from esmflash.kernels.attention import TORCH_FLASH_MAX_SEQLEN, varlen_attention
 
     dtype = PRECISIONS[precision]
-    reason = backend_unavailable_reason("fa4", torch.device("cuda"), dtype)
+    reason = ATTENTION.unavailable_reason("fa4", CUDA, dtype)
     if reason is not None:
         pytest.skip(reason)
     lengths = [len(s) + 2 for _, s in _records(8192)]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = torch.randn(3, sum(lengths), 20, 64, device="cuda", generator=g).to(dtype)
-    own = fa4_forward(q, k, v, cu, max(lengths), 0.125, None)
+    own = varlen_attention("fa4", q, k, v, cu, max(lengths), 0.125)
     flash = varlen_attention("torch_flash", q, k, v, cu, max(lengths), 0.125)
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
     for spec in ("128x128", "128x96", "192x112"):
-        out = fa4_forward(q, k, v, cu, max(lengths), 0.125, parse_fa4_tile(spec))
+        out = varlen_attention(f"fa4@{spec}", q, k, v, cu, max(lengths), 0.125)
         diffs = [(out.float() - ref.float()).abs().max().item() for ref in (own, flash)]
         print(f"\n{precision} FA4 tile {spec}: max |diff| vs FA4's pick {diffs[0]:.2e}, vs torch_flash {diffs[1]:.2e}")
         assert max(diffs) <= tol, (spec, diffs)
     assert torch.equal(varlen_attention("fa4+torch_flash", q, k, v, cu, max(lengths), 0.125), own)
-    short = [n for n in lengths if n <= FA2_MAX_SEQLEN]  # the batch's short sequences, packed alone
+    short = [n for n in lengths if n <= TORCH_FLASH_MAX_SEQLEN]  # the batch's short sequences, packed alone
     cu_short = torch.tensor([0, *torch.tensor(short).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     qs, ks, vs = (t[: sum(short)] for t in (q, k, v))
     assert torch.equal(varlen_attention("fa4+torch_flash", qs, ks, vs, cu_short, max(short), 0.125),
@@ -138,7 +181,7 @@ def test_half_precision_accuracy_vs_stock(reference):
         outs = {}
         for batch in pack_sequences(records, alphabet, 4096):
             rep = model.forward_packed(batch.to("cuda"), repr_layers=[layer])["representations"][layer]
-            for seg, r in zip(batch.segments, split_per_sequence(rep, batch, residues_only=False)):
+            for seg, r in zip(batch.segments, _split(rep, batch)):
                 outs[seg.id] = r.float()
         return outs
 
@@ -159,17 +202,17 @@ def test_half_precision_accuracy_vs_stock(reference):
     report["rows"]["esmflash fp32 packed (sdpa)"] = summarize(packed_outputs(reference))
     for precision, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
         for backend in ("torch_flash", *OPTIONAL_BACKENDS):
-            if backend_unavailable_reason(backend, torch.device("cuda"), dtype) is None:
-                ours = cast_model(reference, precision, backend, gemm="cublas", norm="torch")
+            if ATTENTION.unavailable_reason(backend, CUDA, dtype) is None:
+                ours = cast_model(reference, precision, {"attention": backend, "gemm": "cublas", "norm": "torch"})
                 report["rows"][f"esmflash {precision} packed ({backend})"] = summarize(packed_outputs(ours))
                 del ours
-        if gemm_unavailable_reason("quack", torch.device("cuda"), dtype) is None:
-            ours = cast_model(reference, precision, "torch_flash", gemm="quack", norm="torch")
+        if GEMM.unavailable_reason("quack", CUDA, dtype) is None:
+            ours = cast_model(reference, precision, {"attention": "torch_flash", "gemm": "quack", "norm": "torch"})
             report["rows"][f"esmflash {precision} packed (torch_flash, quack)"] = summarize(packed_outputs(ours))
             del ours
         # the rows above run norm "torch" (inductor's fusions), as before the Triton residual +
         # LayerNorm kernels existed; this row runs them (the default for fp16/bf16 on CUDA)
-        ours = cast_model(reference, precision, "torch_flash", gemm="cublas", norm="triton")
+        ours = cast_model(reference, precision, {"attention": "torch_flash", "gemm": "cublas", "norm": "triton"})
         report["rows"][f"esmflash {precision} packed (torch_flash, triton norm)"] = summarize(packed_outputs(ours))
         del ours
         stock = copy.deepcopy(reference).to(dtype)
@@ -218,7 +261,7 @@ def test_activation_memory_per_token(reference):
     graph, q/k/v freed before the MLP): 20.3 KiB/token for 650M; tools/mfu_probe.py put the
     forward before those changes at ~35 KB/token. The bound leaves room for allocator rounding on
     other cards and still catches one extra [T, 4D] buffer."""
-    model = cast_model(reference, "fp16", "torch_flash", compile=True)
+    model = cast_model(reference, "fp16", {"attention": "torch_flash", "compile": True})
     batch = pack_sequences(_records(16384), model.alphabet, 16384)[0].to("cuda")
     model.forward_packed(batch, repr_layers=[model.num_layers])  # compile and warm up
     torch.cuda.synchronize()
@@ -235,18 +278,18 @@ def test_activation_memory_per_token(reference):
 def test_cuda_graph_replay_matches_ungraphed(reference):
     """A shape seen twice is captured; replays give the ungraphed pass's outputs bit for bit,
     also for another batch of the same shape (the static inputs are refilled on every replay)."""
-    model = cast_model(reference, "fp16", "torch_flash", compile=True)
+    model = cast_model(reference, "fp16", {"attention": "torch_flash", "compile": True})
     assert model.cuda_graphs
     records = _records(4096, seed=11)
     shift = str.maketrans("ACDEFGHIKLMNPQRSTVWY", "CDEFGHIKLMNPQRSTVWYA")
     other = [(name, seq.translate(shift)) for name, seq in records]  # same lengths and masks, other residues
     batch, batch2 = (pack_sequences(r, model.alphabet, 4096)[0].to("cuda") for r in (records, other))
     layers = [0, 17, model.num_layers]
-    model.set_cuda_graphs(False)
+    model.configure(cuda_graphs=False)
     plain = model.forward_packed(batch, repr_layers=layers, return_logits=True)
     plain2 = model.forward_packed(batch2, repr_layers=layers, return_logits=True)
-    model.set_cuda_graphs(True)
-    cache = model._graph_cache
+    model.configure(cuda_graphs=True)
+    cache = model.runner.graphs
     first = model.forward_packed(batch, repr_layers=layers, return_logits=True)  # first sighting
     captured = model.forward_packed(batch, repr_layers=layers, return_logits=True)  # capture + replay
     replayed2 = model.forward_packed(batch2, repr_layers=layers, return_logits=True)  # replay, new inputs
@@ -266,12 +309,12 @@ def test_activation_memory_at_32k_tokens(reference):
     activations per token (allocations above weights and batch, output included), on the first
     (ungraphed) pass, the capture and a replay. The default micro-batch cap (16384 tokens) runs the
     batch as two pieces; the result matches the unsplit pass up to GEMM rounding."""
-    model = cast_model(reference, "fp16", "torch_flash", compile=True)
+    model = cast_model(reference, "fp16", {"attention": "torch_flash", "compile": True})
     batch = pack_sequences(_records(32768, seed=3), model.alphabet, 32768)[0].to("cuda")
     layer = model.num_layers
-    model.set_micro_batch_tokens(None)
+    model.configure(micro_batch_tokens=None)
     unsplit = model.forward_packed(batch, repr_layers=[layer])["representations"][layer]
-    model.set_micro_batch_tokens(16384)
+    model.configure(micro_batch_tokens=16384)
     per_token = []
     for _ in range(3):  # first sighting of each piece shape, capture, replay
         torch.cuda.synchronize()
@@ -299,20 +342,26 @@ def test_qkv_rotary_epilogue(reference, precision):
     less accurate, also at T = 3D (quack's row/column-vector ambiguity, run with one row more);
     the interleaved copies follow an in-place edit of a q/k/v parameter at the same address."""
     dtype = PRECISIONS[precision]
-    reason = gemm_unavailable_reason("quack", torch.device("cuda"), dtype)
+    reason = GEMM.unavailable_reason("quack", CUDA, dtype)
     if reason is not None:
         pytest.skip(reason)
-    model = cast_model(reference, precision, "torch_flash", gemm="quack")
+    model = cast_model(reference, precision, {"attention": "torch_flash", "gemm": "quack"})
     i, d, dh = 3, model.embed_dim, model.head_dim
     ln, ln32 = model.layers[i].self_attn_layer_norm, reference.layers[i].self_attn_layer_norm
-    (w, b), (w_il, b_il), (w32, b32) = model._fused_qkv()[i], model._qkv_weights()[i], reference._fused_qkv()[i]
+    (w, b), (w_il, b_il) = model.qkv.fused(model.layers)[i], model.qkv_weights()[i]
+    w32, b32 = reference.qkv.fused(reference.layers)[i]
+    norm = LayerNormWeights(ln.weight, ln.bias, ln.eps)
+    norm32 = LayerNormWeights(ln32.weight, ln32.bias, ln32.eps)
+    turns = model.qkv.rotary_table("quack", dh, d, model.device)
     g = torch.Generator(device="cuda").manual_seed(5)
     for t in (3000, 3 * d):
         positions = torch.arange(t, device="cuda") % 1024
         x = torch.randn(t, d, device="cuda", generator=g).to(dtype)
-        ref = attention_inputs(x.float(), ln32.weight, ln32.bias, ln32.eps, w32, b32, dh, rotary_half_tables(positions, dh))
-        cublas = attention_inputs(x, ln.weight, ln.bias, ln.eps, w, b, dh, rotary_half_tables(positions, dh))
-        quack = attention_inputs(x, ln.weight, ln.bias, ln.eps, w_il, b_il, dh, model._rotary_operands(positions), gemm="quack")
+        tables = rotary_half_tables(positions, dh)
+        ref = first(x.float(), InputWeights(norm32, w32, b32), dh, tables, gemm=GEMM["cublas"])
+        cublas = first(x, InputWeights(norm, w, b), dh, tables, gemm=GEMM["cublas"])
+        quack = first(x, InputWeights(norm, w_il, b_il), dh, GEMM["quack"].rotary_operands(positions, dh, turns),
+                      gemm=GEMM["quack"])
         for name, c, q, r in zip("qkv", cublas, quack, ref):
             q = q if name == "v" else _deinterleave(q)
             err_c, err_q = relative_errors(c, r)[0], relative_errors(q, r)[0]
@@ -320,9 +369,9 @@ def test_qkv_rotary_epilogue(reference, precision):
             assert err_q <= 1.1 * err_c, (t, name)
     address = w_il.data_ptr()
     model.layers[i].self_attn.k_proj.weight.mul_(-1)
-    w_new, _ = model._qkv_weights()[i]
+    w_new, _ = model.qkv_weights()[i]
     assert w_new.data_ptr() == address
-    assert torch.equal(w_new, interleave_rotary_rows(model._fused_qkv()[i][0], dh, 2 * d))
+    assert torch.equal(w_new, interleave_rotary_rows(model.qkv.fused(model.layers)[i][0], dh, 2 * d))
 
 
 @torch.no_grad()
@@ -333,9 +382,8 @@ def test_add_layer_norm_kernels(precision):
     widths and odd ones, with T not a multiple of the rows per program; and inside a CUDA graph.
     (Not against a standalone torch.compile of the same ops: on an H200 that graph's LayerNorm
     disagreed by up to 4 ulps, as normalizing the rounded sum would, while the forward's own
-    compiled boundary graph reads the fp32 sum, as these kernels do; benchmarks/NOTES.md, eighth
-    round.)"""
-    from esmflash.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm_of_sum
+    compiled boundary graph reads the fp32 sum, as these kernels do; docs/performance-log.md.)"""
+    from esmflash.kernels.norm import add_layer_norm, add_layer_norm_reference, layer_norm_of_sum
 
     dtype = PRECISIONS[precision]
     ulps = 16 if dtype == torch.float32 else 1
@@ -368,3 +416,80 @@ def test_mfu_denominator_on_this_gpu():
     print(f"\n{torch.cuda.get_device_name()}: MFU denominator {peak / 1e12:.1f} TFLOP/s ({source})")
     assert source == ("reference" if torch.cuda.get_device_name() in REFERENCE_MATMUL_PEAK_FLOPS else "measured")
     assert 1e14 < peak < 5e15
+
+
+def test_datasheet_peak_on_this_gpu():
+    name = torch.cuda.get_device_name()
+    peak = datasheet_peak_flops(CUDA)
+    print(f"\n{name}: datasheet dense fp16 peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
+    assert peak == DATASHEET_PEAK_FLOPS.get(name)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_pooled_padded_pass_matches_forward(reference, precision):
+    """The pipeline's pass: batches padded to ShapePolicy shapes (dummy rows after the
+    sequences), pooled on the GPU. Means and BOS rows equal the per-sequence pooling of the
+    unpadded forward_packed within GEMM rounding; the first pass of a shape runs eagerly, a new
+    shape of the same longest-row bucket is captured at once, and every replay gives the eager
+    pass's outputs bit for bit (also with new inputs in the static buffers)."""
+    model = cast_model(reference, precision, "auto")
+    assert model.cuda_graphs
+    layers = (0, 17, model.num_layers)
+    items = prepare_segments(_records(20000, seed=13), model.alphabet, 8192)
+    policy = ShapePolicy(8192)
+    padded = [b.to("cuda") for b in pack_items(items, model.alphabet, 8192, policy)]
+    plain = [b.to("cuda") for b in pack_items(items, model.alphabet, 8192)]
+    assert all(p.num_rows > p.num_sequences for p in padded)
+    model.configure(cuda_graphs=False)
+    eager = [model.pooled_packed(b, layers, bos=True) for b in padded]
+    model.configure(cuda_graphs=True)
+    graphs = model.runner.graphs
+    for _ in range(2):
+        replayed = [model.pooled_packed(b, layers, bos=True) for b in padded]
+        for out, ref, b in zip(replayed, eager, padded):
+            n = b.num_sequences
+            assert out["finite"][:n].all()
+            for layer in layers:
+                assert torch.equal(out["mean"][layer][:n], ref["mean"][layer][:n]), layer
+                assert torch.equal(out["bos"][layer][:n], ref["bos"][layer][:n]), layer
+    print(f"\n{precision}: {len(padded)} padded batches, shapes {sorted({(b.num_tokens, b.num_rows, b.max_seqlen) for b in padded})}, "
+          f"captures {graphs.captures}, replays {graphs.replays}")
+    assert graphs.captures >= 1 and graphs.replays >= len(padded)
+    by_id = {}
+    for b in plain:
+        reps = model.forward_packed(b, layers)["representations"]
+        for layer in layers:
+            for seg, row in zip(b.segments, segment_mean(reps[layer], b)):
+                by_id[(seg.id, layer)] = row
+    worst = 0.0
+    for out, b in zip(eager, padded):
+        for layer in layers:
+            got = out["mean"][layer][: b.num_sequences]
+            want = torch.stack([by_id[(s.id, layer)] for s in b.segments])
+            worst = max(worst, relative_errors(got, want)[0])
+    print(f"{precision}: padded pooled vs unpadded forward, max rel diff {worst:.2e}")
+    assert worst < (2e-3 if precision == "fp16" else 1.6e-2)
+
+
+@torch.no_grad()
+def test_embed_on_gpu_matches_fp32_reference(reference):
+    """The library's embed() (the CLI's pipeline: windows, padded shapes, CUDA graphs, pooling on
+    the GPU, async copies) in fp16 against the fp32 reference's embed(): same ids in order, means
+    within fp16 error, cosine > 0.999 per sequence; per-token rows and BOS rows too."""
+    model = cast_model(reference, "fp16", "auto")
+    records = _records(40000, seed=21)
+    ours = embed(model, records, max_tokens=8192, repr_layers=[-1, 0], per_token=True, bos=True)
+    ref = embed(reference, records, max_tokens=8192, repr_layers=[-1, 0], per_token=True, bos=True)
+    assert ours.ids == ref.ids == [r[0] for r in records]
+    layer = model.num_layers
+    max_rel = relative_errors(ours.mean[layer], ref.mean[layer])[0]
+    cos = torch.nn.functional.cosine_similarity(ours.mean[layer].double(), ref.mean[layer].double(), dim=1)
+    tok = relative_errors(torch.cat(ours.per_token[layer]), torch.cat(ref.per_token[layer]))[0]
+    bos = relative_errors(ours.bos[layer], ref.bos[layer])[0]
+    print(f"\nembed() fp16 vs fp32, {len(records)} sequences: mean max rel {max_rel:.2e}, min cos {cos.min():.6f}, "
+          f"per-token max rel {tok:.2e}, bos max rel {bos:.2e}; graphs {model.runner.graphs.captures} captures, "
+          f"{model.runner.graphs.replays} replays")
+    assert max_rel < 1e-2 and tok < 2e-2 and bos < 2e-2
+    assert cos.min() > 0.999
+    assert relative_errors(ours.mean[0], ref.mean[0])[0] < 1e-3

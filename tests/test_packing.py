@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from esm.data import Alphabet
@@ -19,17 +20,22 @@ from esmflash import (
     SequenceTooLongError,
     TokenBudgetError,
     embed,
-    load_esm2_model,
     pack_sequences,
     relative_errors,
 )
-from esmflash.embed import split_per_sequence
-from esmflash.packing import MAX_RESIDUES, build_batch, prepare_segments, split_batch, split_points, tokenize
+from esmflash.batch import split_batch, split_points
+from esmflash.pipeline.packing import (
+    MAX_RESIDUES,
+    ShapePolicy,
+    best_fit_decreasing,
+    build_batch,
+    prepare_segments,
+    tokenize,
+)
+from test_engine import _load, split_per_sequence
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 ALPHABET = Alphabet.from_architecture("ESM-1b")
-
-
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -142,7 +148,9 @@ def test_packing_invariants_and_coverage(records, max_tokens, policy):
     limit = min(MAX_RESIDUES, max_tokens - 2)
     for i, (seq_id, seq) in enumerate(records):
         want = ALPHABET.encode(seq)  # fair-esm's own tokenizer as the oracle
-        assert want == tokenize(seq_id, seq, ALPHABET)
+        tokens = tokenize(seq_id, seq, ALPHABET)
+        assert isinstance(tokens, np.ndarray) and tokens.dtype == np.int64
+        assert tokens.tolist() == want
         if policy == "truncate":
             want = want[:MAX_RESIDUES]
         assert rebuilt[i] == want, f"input {i} ({seq_id}) not reproduced exactly once"
@@ -169,7 +177,7 @@ def test_batches_never_exceed_budget_and_exact_fit():
     # three tokens is the smallest budget: one residue per batch
     batches = pack_sequences([("a", "A"), ("b", "C"), ("c", "D")], ALPHABET, 3)
     assert [b.num_tokens for b in batches] == [3, 3, 3]
-    with pytest.raises(ValueError, match="at least 3"):
+    with pytest.raises(ValueError, match=">= 3"):
         pack_sequences([("a", "A")], ALPHABET, 2)
 
 
@@ -186,7 +194,8 @@ def test_single_batch_layout_by_hand():
 
 
 def test_tokenize_accepts_lowercase_and_mask_any_case():
-    assert tokenize("s", "acdE<MASK>w<Mask>", ALPHABET) == ALPHABET.encode("ACDE<mask>W<mask>")
+    tokens = tokenize("s", "acdE<MASK>w<Mask>", ALPHABET)
+    assert tokens.dtype == np.int64 and tokens.tolist() == ALPHABET.encode("ACDE<mask>W<mask>")
 
 
 @pytest.mark.parametrize(
@@ -272,11 +281,7 @@ def test_packing_is_deterministic_and_groups_longest_first():
 
 @pytest.fixture(scope="module")
 def model8():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("ESMFLASH_WEIGHTS", raising=False)  # seeded random weights, never a real checkpoint
-        mp.setenv("TORCH_HOME", "/nonexistent-esmflash-test-hub")
-        model, _ = load_esm2_model("esm2_t6_8M_UR50D", precision="fp32", device="cpu")
-    return model
+    return _load("esm2_t6_8M_UR50D")[0]  # seeded random weights, asked for; never a real checkpoint
 
 
 def _stock_mean(model, seq: str, layer: int) -> torch.Tensor:
@@ -379,3 +384,72 @@ def test_split_batch_names_a_sequence_over_the_cap():
     batch = pack_sequences([("short", "ACD"), ("long-one", "A" * 900)], ALPHABET, 2048)[0]
     with pytest.raises(TokenBudgetError, match="'long-one': needs 902 tokens.*max_tokens is 500"):
         split_batch(batch, 500)
+
+
+# ----------------------------------------------------------------------------- bins and padded shapes
+
+
+def test_best_fit_decreasing_puts_each_item_in_the_fullest_bin_it_fits():
+    sizes = [5, 9, 3, 7, 4, 8]
+    bins = best_fit_decreasing(sizes, 12)
+    # 9, 8, 7 open bins with 3, 4, 5 tokens free; 5, 4 and 3 each go to the bin they fill exactly
+    assert bins == [[1, 2], [5, 4], [3, 0]]
+    assert best_fit_decreasing([6, 3, 5], 10) == [[0, 1], [2]]  # 3 into the fuller bin (4 free), not 5's
+    assert sorted(i for b in bins for i in b) == list(range(len(sizes)))
+    rng = random.Random(4)
+    sizes = [rng.randint(3, 1024) for _ in range(500)]
+    bins = best_fit_decreasing(sizes, 4096)
+    assert sorted(i for b in bins for i in b) == list(range(len(sizes)))
+    assert all(sum(sizes[i] for i in b) <= 4096 for b in bins)
+    assert len(bins) <= math.ceil(sum(sizes) / 4096) + 1
+
+
+def test_shape_policy_gives_few_padded_shapes():
+    """Every batch within pack_capacity pads to capacity / 2^k tokens with at least `reserve`
+    tokens to spare, rows in steps of row_step, the longest row a power of two from 128."""
+    policy = ShapePolicy(4096)
+    token_counts, longest_rows = set(), set()
+    for tokens in range(3, policy.pack_capacity + 1, 29):
+        rows = max(1, tokens // 40)
+        longest = min(tokens, 1024)
+        shape = policy.shape(tokens, rows, longest)
+        assert shape is not None, tokens
+        padded, padded_rows, max_seqlen = shape
+        assert padded >= tokens + policy.reserve and padded in (256, 512, 1024, 2048, 4096)
+        assert padded_rows % policy.row_step == 0 and padded_rows > rows
+        assert max_seqlen >= longest and max_seqlen >= 128 and max_seqlen & (max_seqlen - 1) == 0
+        token_counts.add(padded)
+        longest_rows.add(max_seqlen)
+    assert token_counts == {256, 512, 1024, 2048, 4096} and longest_rows == {128, 256, 512, 1024}
+
+
+def test_padded_batch_keeps_real_rows_and_pooled_outputs(model8):
+    """build_batch with a ShapePolicy shape: the real rows first, exactly as unpadded, then dummy
+    rows of padding tokens (each at least one token); a pooled pass over the padded batch gives
+    the unpadded batch's per-sequence means and BOS rows."""
+    rng = random.Random(12)
+    records = [(f"r{i}", random_protein(rng, n, 0.1)) for i, n in enumerate([3, 40, 250, 17, 90])]
+    items = prepare_segments(records, ALPHABET, 2048)
+    lengths = [len(t) + 2 for _, t in items]
+    shape = ShapePolicy(2048).shape(sum(lengths), len(items), max(lengths))
+    padded, plain = build_batch(items, ALPHABET, shape), build_batch(items, ALPHABET)
+    assert (padded.num_tokens, padded.num_rows, padded.max_seqlen) == shape
+    assert padded.num_sequences == plain.num_sequences == len(records) < padded.num_rows
+    n = plain.num_tokens
+    assert torch.equal(padded.input_ids[:n], plain.input_ids)
+    assert torch.equal(padded.cu_seqlens[: len(records) + 1], plain.cu_seqlens)
+    assert (padded.input_ids[n:] == ALPHABET.padding_idx).all()
+    assert (padded.cu_seqlens[len(records) + 1:] - padded.cu_seqlens[len(records):-1] >= 1).all()
+    check_batch(plain, 2048)
+    layer = model8.num_layers
+    ours = model8.pooled_packed(padded, [0, layer], bos=True)
+    ref = model8.pooled_packed(plain, [0, layer], bos=True)
+    b = len(records)
+    assert ours["finite"][:b].all() and ref["finite"].all()
+    for l in (0, layer):
+        assert ours["mean"][l].shape == (padded.num_rows, model8.embed_dim)
+        assert relative_errors(ours["mean"][l][:b], ref["mean"][l])[0] <= 1e-5
+        assert relative_errors(ours["bos"][l][:b], ref["bos"][l])[0] <= 1e-5
+    stock = model8.forward_packed(plain, repr_layers=[layer])["representations"][layer]
+    for i, rows in enumerate(split_per_sequence(stock, plain)):
+        assert relative_errors(ours["mean"][layer][i], rows.mean(0))[0] <= 1e-5

@@ -1,9 +1,13 @@
-"""End to end: the asv suite is discovered, runs on the CPU tier, publishes, and its site draws
-the forward-pass graph in a real headless Chromium.
+"""End to end: the asv suite is discovered, runs on the CPU tier, publishes (tools/publish.py, as
+bench.sh does), and its site draws the forward-pass graph in a real headless Chromium; and the
+site published from the committed GPU results (results/, GPU machines only) tells the truth:
+its headline page has numbers for every GPU machine, its regressions page lists no improvement,
+and the H100 and H200 forward graphs draw points with the selection they open on.
 
-One module-scoped fixture runs everything once (real asv, --python=same, this commit) in a
-temporary results/html/env tree; the repo's results/, html/ and .asv/ are never touched, and
-asv's machine file goes to a temporary HOME, not ~/.asv-machine.json.
+One module-scoped fixture runs the CPU suite once (real asv, --python=same, this commit) in a
+temporary results/html/env tree; another publishes the committed results/ into a temporary
+html tree. The repo's results/, html/ and .asv/ are never touched, and asv's machine file goes
+to a temporary HOME, not ~/.asv-machine.json. Screenshots go to each test's tmp dir.
 
 The published asv 0.6.6 site loads jQuery, flot, bootstrap, stupidtable and blueimp-md5 from
 public CDNs. The test vendors them into the site exactly as bench.sh does (tools/vendor_site.py,
@@ -13,6 +17,7 @@ server: the site must draw with no internet.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import importlib.util
@@ -180,15 +185,25 @@ def suite(tmp_path_factory):
         "run", "--python=same", "--set-commit-hash", head, "--machine", MACHINE,
         *[arg for regex in select for arg in ("-b", regex)], "--show-stderr",
     )
-    out["publish"] = run_asv(config, env, tmp, "publish", "publish")
+    out["publish"] = run_publish(env, tmp, "--config", str(config), "--results-dir", str(tmp / "results"),
+                                 "--html-dir", str(tmp / "html"), "--all-machines", "--no-vendor")
     return out
 
 
-def test_gpu_selection_groups_select_discovered_benchmarks():
-    """Every -b regex of the GPU tier selects a benchmark of results/benchmarks.json (discovered
-    with the GPU tier), the groups add up to TIER_SELECTION, and every bench_metrics benchmark the
-    tier selects is in the first group (one setup_cache process measures them all)."""
-    discovered = json.loads((REPO / "results" / "benchmarks.json").read_text())
+def run_publish(env: dict[str, str], log_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python tools/publish.py <args>` (bench.sh's publish step); output kept in log_dir/publish.log."""
+    cmd = [sys.executable, str(REPO / "tools" / "publish.py"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    (log_dir / "publish.log").write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
+    return proc
+
+
+def test_gpu_selection_groups_select_discovered_benchmarks(suite):
+    """Every -b regex of the GPU tier selects a benchmark asv discovered in this checkout's suite
+    (names do not depend on the tier), the groups add up to TIER_SELECTION, and every
+    bench_metrics benchmark the tier selects is in the first group (one setup_cache process
+    measures them all)."""
+    discovered = json.loads((suite["results"] / "benchmarks.json").read_text())
     discovered.pop("version")
     names = [f"{name}({', '.join(combo)})" if info["params"] else name
              for name, info in discovered.items()
@@ -249,6 +264,9 @@ def test_publish_lists_every_benchmark(suite):
         ["'fp32'", "'fp16'", "'bf16'"],
         ["'short'", "'medium'", "'long'", "'xlong'", "'mixed'"],
     ]
+    # The scratch site of a CPU run: its own machine only, with the headline page.
+    assert list(json.loads((html / "index.json").read_text())["machines"]) == [MACHINE]
+    assert MACHINE in (html / "headline.html").read_text()
 
 
 # --- the published site in a real browser -------------------------------------------------
@@ -279,6 +297,37 @@ def make_router(base: str, blocked: list[str]):
             route.abort()
 
     return route
+
+
+@contextlib.contextmanager
+def site_page(html: Path):
+    """A page of headless Chromium on a local server of `html`; every other request is blocked.
+    Yields (page, base URL, problems): blocked requests, HTTP errors and JavaScript errors."""
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    assert os.path.exists(chromium), "Debian's chromium is not installed (test.sh installs it)"
+    from playwright.sync_api import sync_playwright
+
+    server = serve(html)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    problems: list[str] = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+            try:
+                context = browser.new_context(viewport={"width": 1400, "height": 1000})
+                context.route("**/*", make_router(base, problems))
+                page = context.new_page()
+                # flot throws "Invalid dimensions for plot" when asv replots a graph while its page
+                # is being laid out; asv draws it again on the next update. Seen once in ~20 runs.
+                page.on("pageerror", lambda e: None if str(e).startswith("Invalid dimensions for plot")
+                        else problems.append(f"JavaScript error: {e}"))
+                page.on("response", lambda r: problems.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None)
+                yield page, base, problems
+            finally:
+                browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # JS: for each plotted series, how many canvas pixels of the series' colour lie within 7 px of
@@ -329,79 +378,203 @@ def graph_series(graph: list, params: list[list[str]], model: str, precision: st
 
 
 def test_site_draws_forward_graph_in_chromium(suite, tmp_path):
-    chromium = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-    assert chromium, "Debian's chromium is not installed (test.sh installs it: apt-get install chromium)"
-    from playwright.sync_api import sync_playwright
-
     assert suite["publish"].returncode == 0, tail(suite["publish"])
     html = suite["html"]
-    vendored = VENDOR.vendor(html, tmp_path / "npm")  # as bench.sh does after asv publish
+    vendored = VENDOR.vendor(html, tmp_path / "npm")  # as bench.sh does after publishing
     assert vendored and not VENDOR.EXTERNAL.findall((html / "index.html").read_text())
     model, precision = CPU_MODELS[0], "fp32"
     params = json.loads((html / "index.json").read_text())["benchmarks"][FORWARD]["params"]
-
-    server = serve(html)
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    blocked: list[str] = []
     graphs: dict[str, list] = {}
-    page_errors: list[str] = []
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
-            try:
-                context = browser.new_context(viewport={"width": 1400, "height": 1000})
-                context.route("**/*", make_router(base, blocked))
-                page = context.new_page()
-                page.on("pageerror", lambda e: page_errors.append(f"{e}\n{e.stack}"))
 
-                def record_graph(response):
-                    path = urllib.parse.unquote(urllib.parse.urlsplit(response.url).path)
-                    if path.startswith("/graphs/") and "/summary/" not in path and path.endswith(f"/{FORWARD}.json"):
-                        graphs[path] = response.json()
+    def record_graph(response):
+        path = urllib.parse.unquote(urllib.parse.urlsplit(response.url).path)
+        if path.startswith("/graphs/") and "/summary/" not in path and path.endswith(f"/{FORWARD}.json"):
+            graphs[path] = response.json()
 
-                page.on("response", record_graph)
+    with site_page(html) as (page, base, problems):
+        page.on("response", record_graph)
+        # The index: a grid of every benchmark, the forward pass among them.
+        page.goto(f"{base}/index.html")
+        link = page.locator(f'a.benchmark-container[href="#{FORWARD}"]')
+        link.wait_for(state="visible", timeout=30_000)
+        assert "forward pass" in link.inner_text()  # the benchmark's pretty name
+        page.wait_for_load_state("networkidle")  # the grid's thumbnails are loaded
 
-                # The index: a grid of every benchmark, the forward pass among them.
-                page.goto(f"{base}/index.html")
-                link = page.locator(f'a.benchmark-container[href="#{FORWARD}"]')
-                link.wait_for(state="visible", timeout=30_000)
-                assert "ForwardPacked.time_forward_packed" in link.inner_text()
-                page.wait_for_load_state("networkidle")  # the grid's thumbnails are loaded
+        # Its graph page, as a click on it opens it; then the CPU model in fp32 over every length class.
+        link.click()
+        page.wait_for_function("() => $('#main-graph').data('plot') !== undefined", timeout=30_000)
+        page.wait_for_load_state("networkidle")
+        selection = urllib.parse.urlencode({"p-model": quoted(model), "p-precision": quoted(precision)}, quote_via=urllib.parse.quote)
+        page.goto(f"{base}/index.html#{FORWARD}?{selection}")
+        page.wait_for_function(
+            """([n, model, precision]) => {
+                const plot = $('#main-graph').data('plot');
+                const series = plot === undefined ? [] : plot.getData();
+                return series.length === n
+                    && series.every(s => s.label.includes(model) && s.label.includes(precision))
+                    && series.some(s => s.datapoints.points.some(v => v !== null));
+            }""",
+            arg=[len(COMMON.LENGTH_CLASSES), f"model-{model}", f"precision-{precision}"], timeout=30_000,
+        )
+        drawn = page.evaluate(COLOURED_PIXELS_AT_POINTS_JS)
+        shot = tmp_path / "site.png"
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"[test_suite] screenshot: {shot}")
 
-                # Its graph page, as a click on it opens it; then the CPU model in fp32 over every length class.
-                link.click()
-                page.wait_for_function("() => $('#main-graph').data('plot') !== undefined", timeout=30_000)
-                page.wait_for_load_state("networkidle")
-                selection = urllib.parse.urlencode({"p-model": quoted(model), "p-precision": quoted(precision)}, quote_via=urllib.parse.quote)
-                page.goto(f"{base}/index.html#{FORWARD}?{selection}")
-                page.wait_for_function(
-                    """([n, model, precision]) => {
-                        const plot = $('#main-graph').data('plot');
-                        const series = plot === undefined ? [] : plot.getData();
-                        return series.length === n
-                            && series.every(s => s.label.includes(model) && s.label.includes(precision))
-                            && series.some(s => s.datapoints.points.some(v => v !== null));
-                    }""",
-                    arg=[len(COMMON.LENGTH_CLASSES), f"model-{model}", f"precision-{precision}"], timeout=30_000,
-                )
-                drawn = page.evaluate(COLOURED_PIXELS_AT_POINTS_JS)
-                shot = tmp_path / "site.png"
-                page.screenshot(path=str(shot), full_page=True)
-                print(f"[test_suite] screenshot: {shot}")
-            finally:
-                browser.close()
-    finally:
-        server.shutdown()
-        server.server_close()
-
-    # flot throws this when asv replots a graph while its page is being laid out; asv draws it
-    # again on the next update (the pixel check below sees the final plot). Seen once in ~20 runs.
-    page_errors = [e for e in page_errors if not e.startswith("Invalid dimensions for plot")]
-    assert not page_errors, f"JavaScript errors on the site: {page_errors}"
-    assert not blocked, f"the site requested files that were not served: {blocked}"
+    assert not problems, f"blocked requests, HTTP or JavaScript errors on the site: {problems}"
     assert graphs, "the graph page fetched no graphs/.../time_forward_packed.json"
     values = [v for graph in graphs.values() for v in graph_series(graph, params, model, precision)]
     assert any(is_real(v) for v in values), f"no {model} {precision} point in the graph data: {values}"
     print(f"[test_suite] plotted series: {drawn}")
     assert any(s["points"] > 0 for s in drawn), f"flot plotted no point: {drawn}"
     assert any(s["pixels"] >= 5 for s in drawn if s["points"] > 0), f"no series colour on the canvas at its points: {drawn}"
+
+
+# --- the site published from the committed GPU results --------------------------------------
+
+sys.path.insert(0, str(REPO / "tools"))
+import directions  # noqa: E402
+import publish  # noqa: E402
+
+HOPPER_FORWARD = "bench_forward.ForwardPackedHopper.time_forward_packed"
+MFU = "bench_metrics.HopperMetrics.track_mfu"
+SPEEDUP = "bench_metrics.ForwardMetrics.track_speedup_over_fp32"
+NUMBER = re.compile(r"[\d,]+(\.\d+)?(x|%| KiB| GiB| s)?|\d\.\d+e[-+]\d+")
+
+
+def gpu_machine_names() -> list[str]:
+    """GPU machines of the committed results (machine.json names a card)."""
+    return publish.machine_names(REPO / "results", gpu_only=True)
+
+
+@pytest.fixture(scope="module")
+def gpu_site(tmp_path_factory):
+    """html/ as bench.sh publishes it on a GPU machine, from the committed results/, in a tmp dir."""
+    if not gpu_machine_names():
+        pytest.skip("no GPU results in this checkout")
+    tmp = tmp_path_factory.mktemp("gpu_site")
+    proc = run_publish(dict(os.environ), tmp, "--html-dir", str(tmp / "html"), "--no-vendor")
+    assert proc.returncode == 0, tail(proc)
+    assert VENDOR.vendor(tmp / "html", tmp / "npm")
+    return tmp / "html"
+
+
+def test_gpu_site_holds_gpu_machines_only(gpu_site):
+    index = json.loads((gpu_site / "index.json").read_text())
+    assert sorted(index["machines"]) == sorted(gpu_machine_names())
+    assert all(record.get("gpu") for record in index["machines"].values())
+    assert index["project_url"] == "headline.html" and index["show_commit_url"] == "commits/"
+
+
+def test_regressions_page_lists_no_improvement(gpu_site, tmp_path):
+    entries = json.loads((gpu_site / "regressions.json").read_text())["regressions"]
+    for name, _, _, _, _, _, jumps in entries:
+        assert directions.direction(name) == directions.LOWER, name  # no rate, speedup, MFU, condition
+        assert all(after > before for _, _, before, after in jumps), (name, jumps)  # a rise of lower-is-better
+    feed = (gpu_site / "regressions.xml").read_text()
+    assert not [m for m in directions.HIGHER_IS_BETTER_TRACKS + directions.CONDITION_CLASSES if f".{m}" in feed]
+
+    with site_page(gpu_site) as (page, base, problems):
+        page.goto(f"{base}/index.html#/regressions")
+        page.wait_for_function("() => document.querySelectorAll('#regressions-body tbody tr').length > 0 "
+                               "|| document.querySelector('#regressions-body table') !== null", timeout=30_000)
+        rows = page.eval_on_selector_all("#regressions-body table:not(.ignored) tbody tr",
+                                         "rows => rows.map(r => Array.from(r.cells).map(c => c.innerText))")
+        page.screenshot(path=str(tmp_path / "regressions.png"), full_page=True)
+    assert len(rows) == sum(len(entry[6]) for entry in entries), rows
+    for row in rows:
+        assert directions.direction(row[0]) == directions.LOWER and float(row[3].rstrip("x")) > 1, row
+    assert not problems, problems
+
+
+def test_headline_page_shows_every_gpu_machine(gpu_site, tmp_path):
+    index = json.loads((gpu_site / "index.json").read_text())
+    with site_page(gpu_site) as (page, base, problems):
+        page.goto(f"{base}/index.html")
+        page.wait_for_selector("#nav-li-headline a", timeout=30_000)
+        # asv sets the header's project link once index.json is loaded; the grid's thumbnails next.
+        page.wait_for_function("() => document.querySelector('#project-name').getAttribute('href') !== '#'",
+                               timeout=30_000)
+        page.wait_for_load_state("networkidle")
+        assert page.get_attribute("#project-name", "href") == "headline.html"
+        page.click("#nav-li-headline a")
+        page.wait_for_url(f"{base}/headline.html")
+        tables = {name: page.eval_on_selector_all(f"section[id='{name}'] table",
+                                                  "ts => ts.map(t => [t.caption.innerText, Array.from(t.querySelectorAll('td'), c => c.innerText)])")
+                  for name in gpu_machine_names()}
+        page.screenshot(path=str(tmp_path / "headline.png"), full_page=True)
+        sha = next(iter(index["revision_to_hash"].values()))
+        page.goto(f"{base}/commits/{sha[:8]}")  # asv's show_commit_url + the hash its pages use
+        commit_title = page.title()
+    for name, machine_tables in tables.items():
+        assert machine_tables, f"no table for {name}"
+        caption, values = machine_tables[0]
+        card = json.loads((REPO / "results" / name / "machine.json").read_text())["gpu"]
+        assert card in caption and "commit" in caption, caption
+        assert [v for v in values if NUMBER.fullmatch(v)], f"{name}: no number in its newest table"
+    assert sha[:8] in commit_title
+    assert not problems, problems
+    for sha in index["revision_to_hash"].values():
+        assert (gpu_site / "commits" / sha[:8] / "index.html").is_file()
+        assert (gpu_site / "commits" / sha / "index.html").is_file()  # regressions.xml links the full hash
+
+
+def machines_with_data(html: Path, benchmark: str) -> list[str]:
+    index = json.loads((html / "index.json").read_text())
+    return sorted(publish.machine_graphs(html, index, benchmark))
+
+
+@pytest.mark.parametrize("view", ["", "?x-axis=length"])
+@pytest.mark.parametrize("graph", [FORWARD, HOPPER_FORWARD])
+def test_forward_graphs_draw_points_with_their_default_selection(gpu_site, tmp_path, graph, view):
+    machines = machines_with_data(gpu_site, graph)
+    assert machines, f"no machine has {graph}"
+    with site_page(gpu_site) as (page, base, problems):
+        page.goto(f"{base}/index.html#{graph}{view}")
+        page.wait_for_function("() => { const p = $('#main-graph').data('plot'); return p !== undefined"
+                               " && p.getData().some(s => s.datapoints.points.some(v => v !== null)); }", timeout=30_000)
+        page.wait_for_load_state("networkidle")
+        # With x-axis = length, a point is the top of a bar (its border has the series colour).
+        drawn = page.evaluate(COLOURED_PIXELS_AT_POINTS_JS)
+        address = page.evaluate("window.location.hash")
+        page.screenshot(path=str(tmp_path / "graph.png"), full_page=True)
+    assert "p-model=" in address, address  # opened on the selection esmflash.js completed
+    for machine in machines:
+        mine = [s for s in drawn if len(machines) == 1 or f"machine-{machine};" in s["label"] + ";"]
+        assert any(s["points"] > 0 and s["pixels"] >= 5 for s in mine), f"{machine}: nothing drawn: {drawn}"
+    assert not problems, problems
+    if graph == HOPPER_FORWARD:
+        assert {"h200", "h100-sxm"} <= set(machines) or set(machines) != set(gpu_machine_names())
+
+
+def test_axis_label_is_inside_the_graph(gpu_site, tmp_path):
+    with site_page(gpu_site) as (page, base, problems):
+        page.goto(f"{base}/index.html#{MFU}")
+        page.wait_for_selector("#main-graph #yaxisLabel", timeout=30_000)
+        boxes = page.evaluate("""() => {
+            const label = document.querySelector('#main-graph #yaxisLabel');
+            const text = document.createRange();
+            text.selectNodeContents(label);  // the text's box, rotated with its element
+            return [document.querySelector('#main-graph').getBoundingClientRect().toJSON(),
+                    text.getBoundingClientRect().toJSON(), label.innerText];
+        }""")
+        page.screenshot(path=str(tmp_path / "mfu.png"))
+    graph, label, text = boxes
+    unit = json.loads((gpu_site / "index.json").read_text())["benchmarks"][MFU]["unit"]
+    assert text == unit
+    assert graph["top"] <= label["top"] and label["bottom"] <= graph["bottom"], boxes
+    assert label["height"] > label["width"]  # rotated: reads along the axis
+    assert not problems, problems
+
+
+def test_benchmark_list_shows_the_newest_measurement(gpu_site):
+    rows = [row for path in gpu_site.glob("graphs/**/machine-h200/**/summary.json")
+            for row in json.loads(path.read_text())]
+    if not rows:
+        pytest.skip("no H200 results")
+    assert not [row for row in rows if "last_err" in row and row["last_value"] is not None]
+    row = next(row for row in rows if row["name"] == SPEEDUP
+               and row["pretty_name"].endswith("('esm2_t33_650M_UR50D', 'fp16', 'short')"))
+    newest = [run for run in publish.headline.load_machines(REPO / "results", ["h200"])[0].runs
+              if run.get(SPEEDUP, "esm2_t33_650M_UR50D", "fp16", "short") is not None][-1]
+    assert row["last_value"] == pytest.approx(newest.get(SPEEDUP, "esm2_t33_650M_UR50D", "fp16", "short"))

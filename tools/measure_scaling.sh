@@ -1,87 +1,86 @@
 #!/usr/bin/env bash
-# Multi-GPU scaling of `esmflash embed` on a GPU host: 1 GPU vs 2 GPUs (torchrun, NCCL).
+# Multi-GPU scaling of the streaming `esmflash embed` on one host: N = 1 and every N up to the
+# GPUs here (2, 4, 8), the same mixed FASTA, 650M fp16 with seeded random weights (the same on
+# every GPU, so timings and outputs compare), NCCL NVLink multicast off (esmflash's ranks use
+# gloo for their few messages; the flag keeps any NCCL init harmless on VMs).
 #
-#   bash tools/measure_scaling.sh [NUM_SEQUENCES [WORK_DIR]]
+#   bash tools/measure_scaling.sh [TOKENS [WORK_DIR]]      # default 20000000 tokens
 #
-# NUM_SEQUENCES (default 7000, about 2.5 M tokens) sequences of the "mixed" length class are
-# generated: log-normal lengths (median 300 aa, sigma 0.6) clipped to 30..1022, random amino
-# acids, fixed seed. Both runs embed them with esm2_t33_650M_UR50D in fp16 (the real checkpoint
-# when it is on disk, else seeded random weights: the same on every GPU, so timings compare), and
-# the script prints each run's tokens/s, the 2-GPU/1-GPU ratio and whether the two outputs agree.
-# tokens/s comes from each run's summary line and excludes model loading (for torchrun: the job's
-# tokens over the time from "all ranks loaded the model" to "all ranks finished", rank 0's line).
-# Environment: MODEL (default esm2_t33_650M_UR50D), MAX_TOKENS (default 16384), PYTHON (python3).
+# Per N: tokens/s of the embedding phase (the job's: all ranks, first batch to last), the wall
+# clock of the whole torchrun command (start-up and assembly of the output included), each
+# rank's peak host RSS, and whether the output equals the 1-GPU output (same ids and order,
+# <= 1e-6 relative). Then a kill test: SIGKILL the torchrun launcher of the largest N once
+# some windows are done, rerun with N = 1, and compare with the uninterrupted output.
+# Environment: MODEL (esm2_t33_650M_UR50D), PRECISION (fp16), PYTHON (python3).
 set -euo pipefail
 
-NUM_SEQUENCES=${1:-7000}
+TOKENS=${1:-20000000}
 WORK=${2:-$(mktemp -d -t esmflash-scaling.XXXXXX)}
 MODEL=${MODEL:-esm2_t33_650M_UR50D}
-MAX_TOKENS=${MAX_TOKENS:-16384}
+PRECISION=${PRECISION:-fp16}
 PYTHON=${PYTHON:-python3}
-export NCCL_NVLS_ENABLE=0  # no NVLink SHARP multicast (unavailable on some hosts and VMs)
-
+export NCCL_NVLS_ENABLE=0
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's esmflash, installed or not
-FASTA="$WORK/mixed_${NUM_SEQUENCES}.fasta"
-
-if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -lt 2 ]; then
-    echo "measure_scaling.sh: needs 2 CUDA GPUs" >&2
-    exit 1
-fi
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | head -2 | sed 's/^/gpu: /' || true
-
-"$PYTHON" - "$NUM_SEQUENCES" "$FASTA" <<'EOF'
+FASTA="$WORK/mixed.fasta"
+GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader | sed 's/^/gpu: /' || true
+"$PYTHON" -c 'import torch; print("torch", torch.__version__, "nccl", torch.cuda.nccl.version())' || true
+"$PYTHON" - "$TOKENS" "$FASTA" <<'PY'
 import sys
-import numpy as np
+from esmflash.bench.workloads import mixed_records, write_fasta
+print("fasta:", write_fasta(sys.argv[2], mixed_records(int(sys.argv[1]), seed=11)), "tokens")
+PY
 
-n, path = int(sys.argv[1]), sys.argv[2]
-rng = np.random.default_rng(20240601)
-lengths = np.clip(np.rint(rng.lognormal(mean=np.log(300), sigma=0.6, size=n)), 30, 1022).astype(int)
-alphabet = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
-with open(path, "w") as f:
-    for i, length in enumerate(lengths):
-        f.write(f">mixed_{i}\n{''.join(alphabet[rng.integers(0, 20, size=length)])}\n")
-print(f"fasta: {path}: {n} sequences, {lengths.sum() + 2 * n} tokens (BOS/EOS included), "
-      f"median {int(np.median(lengths))} aa")
-EOF
-
-OPTIONS=(--model "$MODEL" --precision fp16 --max-tokens "$MAX_TOKENS" --no-progress)
-rate() {  # tokens/s of a run's summary line, without thousands separators
-    grep -o '([0-9,]* tokens/s)' "$1" | tail -1 | tr -d '(),' | cut -d' ' -f1
+run() {  # run N OUT [extra torchrun/esmflash args...]: prints "N wall_seconds"
+    local n=$1 out=$2; shift 2
+    local start=$EPOCHREALTIME
+    "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$n" -m esmflash embed "$FASTA" -o "$out" \
+        --model "$MODEL" --random-weights --precision "$PRECISION" --no-progress --stats-json "$out.json" "$@"
+    echo "$n $(awk "BEGIN { print $EPOCHREALTIME - $start }")" >> "$WORK/walls.txt"
 }
 
-echo "1 GPU ..."
-"$PYTHON" -m esmflash embed "$FASTA" -o "$WORK/one_gpu.npz" --device cuda:0 "${OPTIONS[@]}" 2> "$WORK/one_gpu.log" \
-    || { cat "$WORK/one_gpu.log" >&2; exit 1; }
-grep '^esmflash: embedded' "$WORK/one_gpu.log"
+: > "$WORK/walls.txt"
+for n in 1 2 4 8; do
+    [ "$n" -le "$GPUS" ] || break
+    run "$n" "$WORK/out$n.h5"
+done
 
-echo "2 GPUs (torchrun) ..."
-rm -rf "$WORK/two_gpus.npz.parts"  # never resume an earlier, interrupted measurement
-"$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 -m esmflash embed "$FASTA" \
-    -o "$WORK/two_gpus.npz" --device cuda "${OPTIONS[@]}" 2> "$WORK/two_gpus.log" \
-    || { cat "$WORK/two_gpus.log" >&2; exit 1; }
-grep '^esmflash: embedded' "$WORK/two_gpus.log"
+# Kill test: the largest N, launcher SIGKILLed after 3 windows, rerun on one GPU.
+largest=$(tail -1 "$WORK/walls.txt" | cut -d' ' -f1)
+"$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$largest" -m esmflash embed "$FASTA" \
+    -o "$WORK/killed.h5" --model "$MODEL" --random-weights --precision "$PRECISION" --no-progress &
+launcher=$!
+until [ "$(ls "$WORK/killed.h5.parts" 2>/dev/null | grep -c '^unit-')" -ge 3 ]; do sleep 0.5; done
+kill -9 "$launcher"; wait "$launcher" 2>/dev/null || true
+sleep 5  # the orphaned ranks notice the lost store and exit
+"$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 -m esmflash embed "$FASTA" -o "$WORK/killed.h5" \
+    --model "$MODEL" --random-weights --precision "$PRECISION" --no-progress --stats-json "$WORK/killed.h5.json"
 
-ONE=$(rate "$WORK/one_gpu.log")
-TWO=$(rate "$WORK/two_gpus.log")
-echo "tokens/s: 1 GPU $ONE, 2 GPUs $TWO, ratio $(awk -v a="$TWO" -v b="$ONE" 'BEGIN { printf "%.2f", a / b }')"
-
-"$PYTHON" - "$WORK/one_gpu.npz" "$WORK/two_gpus.npz" <<'EOF'
-import sys
-import numpy as np
-
-one, two = np.load(sys.argv[1]), np.load(sys.argv[2])
-ok = one["ids"].tolist() == two["ids"].tolist()
-print(f"ids identical: {ok} ({len(one['ids'])} sequences)")
-for key in (k for k in one.files if k.startswith("mean_")):
-    a, b = one[key].astype(np.float64), two[key].astype(np.float64)
-    max_rel = np.abs(a - b).max() / np.abs(a).max()
-    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    close = max_rel <= 1e-3 and cosine.min() >= 0.9999
-    print(f"{key}: max |diff| / max |ref| {max_rel:.2e}, min cosine {cosine.min():.6f}, close: {close}")
-    ok = ok and close
-sys.exit(0 if ok else 1)
-EOF
-echo "outputs agree; files in $WORK"
+"$PYTHON" - "$WORK" <<'PY'
+import json, sys
+from pathlib import Path
+import h5py, numpy as np
+work = Path(sys.argv[1])
+walls = dict(line.split() for line in (work / "walls.txt").read_text().splitlines())
+ref = h5py.File(work / "out1.h5")
+layer = next(k for k in ref if k.startswith("mean_"))
+base = None
+print(f"{'N':>2} {'embed tok/s':>12} {'x 1 GPU':>8} {'wall s':>8} {'peak RSS per rank (GB)':>24} {'max rel diff vs N=1':>20}")
+for n in sorted(walls, key=int):
+    stats = json.loads((work / f"out{n}.h5.json").read_text())
+    with h5py.File(work / f"out{n}.h5") as f:
+        same = (f["ids"][:] == ref["ids"][:]).all()
+        diff = float(np.abs(f[layer][:] - ref[layer][:]).max() / np.abs(ref[layer][:]).max())
+    rate = stats["embedding_tokens_per_second"]
+    base = base or rate
+    rss = " ".join(f"{b / 1e9:.2f}" for b in stats["rank_peak_rss_bytes"])
+    print(f"{n:>2} {rate:12,.0f} {rate / base:8.2f} {float(walls[n]):8.1f} {rss:>24} {diff:20.1e}{'' if same else '  IDS DIFFER'}")
+stats = json.loads((work / "killed.h5.json").read_text())
+with h5py.File(work / "killed.h5") as f:
+    diff = float(np.abs(f[layer][:] - ref[layer][:]).max() / np.abs(ref[layer][:]).max())
+    same = (f["ids"][:] == ref["ids"][:]).all()
+print(f"killed at N={max(walls, key=int)}, resumed on 1 GPU: {stats['resumed_units']} windows kept, "
+      f"max rel diff vs N=1 {diff:.1e}, ids {'equal' if same else 'DIFFER'}")
+PY
+echo "measure_scaling.sh: work files in $WORK"

@@ -1,14 +1,16 @@
 """MFU probe of PackedESM2.forward_packed on one CUDA GPU: eager vs compiled layer math.
 
 For each model/precision, forward_impl (eager, compiled) and token budget, on one packed batch of
-a length class of the suite (--length-class; default "mixed": log-normal residues, median 300,
-sigma 0.6, clipped to 30..1022, random standard amino acids; the suite's recipe with --seed), it prints: the first call's
-seconds (compile + warm-up), median ms per forward (CUDA events, after warm-up), tokens/s,
-achieved TFLOP/s and MFU against the fp16 8192^3 matmul rate (esmflash.perf.mfu_denominator), the
-first call's peak memory, a warm pass's activation bytes per token (its peak allocation above what
-was allocated before it, output included, as the suite counts it), graphs compiled by that config, and the max / mean relative error of last-layer
-representations against the fp32 model with the same weights (esmflash.numerics.relative_errors:
-max|a-b|/max|b|). Each config also prints one JSON line (lines starting with '{').
+a length class of the suite (--length-class, esmflash.bench.workloads.length_class_records with
+--seed; default "mixed": log-normal residues, median 300, sigma 0.6, clipped to 30..1022, random
+standard amino acids), it prints: the first call's seconds (compile + warm-up), median ms per
+forward (CUDA events, after warm-up), tokens/s, achieved TFLOP/s and MFU against the fp16 8192^3
+matmul rate (esmflash.bench.perf.mfu_denominator), the first call's peak memory, a warm pass's
+activation bytes per token (its peak allocation above what was allocated before it, output
+included, as the suite counts it), graphs compiled by that config, and the max / mean relative
+error of last-layer representations against the fp32 model with the same weights
+(esmflash.bench.accuracy.relative_errors: max|a-b|/max|b|). Each config also prints one JSON line
+(lines starting with '{').
 --breakdown adds one profiled forward per config: CUDA kernel time per kernel family (attention,
 GEMM, torch.compile's Triton fusions, LayerNorm, other elementwise, copies) and the GPU idle time
 left over (median wall time minus all kernel time), split into gaps between the pass's first and
@@ -16,6 +18,9 @@ last kernel and time outside that span (host work before the first launch, the o
 after the last kernel). The profiled pass is the last of four back-to-back passes inside one
 profiler session (`sustained_kernels`), so it runs at the clocks of a sustained stream rather
 than after the profiler's start-up pause.
+--fa4-tiles runs FA4 at other forward tiles: each tile TMxTN[:nors][:noov] runs the attention
+backend "fa4@TILE" (FA4 for every batch, short ones included); "engine" (or "fa4") keeps the
+--attention backend.
 
     python tools/mfu_probe.py                        # 650M fp16+bf16, 3B bf16; 16384 and 32768
     python tools/mfu_probe.py --configs esm2_t33_650M_UR50D:fp16 --budgets 16384 --impls compiled
@@ -24,6 +29,7 @@ than after the profiler's start-up pause.
     python tools/mfu_probe.py --impls compiled --gemms cublas,quack     # GEMM epilogue backends
     python tools/mfu_probe.py --impls compiled --norms torch,triton     # add + LayerNorm backends
     python tools/mfu_probe.py --impls compiled --budgets 32768 --micro-batches 0,16384,8192  # pieces
+    python tools/mfu_probe.py --impls compiled --fa4-tiles engine,128x96,128x128:nors   # FA4 tiles
 
 Weights: the real checkpoint when esmflash finds one on disk, else seeded random weights (the
 fp32 reference and the half model draw the same ones). A config that fails prints an "error"
@@ -41,17 +47,17 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# This checkout's esmflash wins over any installed copy: the probe measures the working tree.
-sys.path.insert(0, str(REPO / "src"))
+import esm
+import torch
 
-import esm  # noqa: E402
-import torch  # noqa: E402
-
-import esmflash  # noqa: E402
-from esmflash import attention, load_esm2_model, pack_sequences, relative_errors  # noqa: E402
-from esmflash.packing import PackedBatch  # noqa: E402
-from esmflash.perf import forward_flops, matmul_peak_flops, median, mfu_denominator, time_device  # noqa: E402
+import esmflash
+from esmflash import load_esm2_model, pack_sequences, relative_errors
+from esmflash.batch import PackedBatch
+from esmflash.bench.perf import (cuda_allocation_peak, forward_flops, matmul_peak_flops, median, mfu_denominator,
+                                 time_device)
+from esmflash.bench.workloads import LENGTH_CLASSES, length_class_records
+from esmflash.kernels.attention import parse_fa4_tile
+from esmflash.model import PRECISIONS
 
 DEFAULT_CONFIGS = "esm2_t33_650M_UR50D:fp16,esm2_t33_650M_UR50D:bf16,esm2_t36_3B_UR50D:bf16"
 # Kernel families, first match wins (lower-cased substrings of the CUDA kernel names the profiler
@@ -65,6 +71,8 @@ KERNEL_FAMILIES = (
     ("copy", ("copy", "catarray")),
     ("elementwise", ("elementwise", "reduce_kernel")),
 )
+# --fa4-tiles items that keep the --attention backend (FA4's own tile where it runs FA4).
+ENGINE_TILES = ("engine", "fa4")
 
 
 def kernel_family(name: str) -> str:
@@ -108,16 +116,42 @@ def kernel_breakdown(kernels: list[tuple[str, float, float]], wall_ms: float) ->
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def class_records(length_class: str, total_tokens: int, seed: int) -> list[tuple[str, str]]:
-    """A length class of the suite (benchmarks/common.length_class_records) for a seed."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import common  # the suite's helper module: tables and seeded records only, no torch at import
+def attention_for_tile(spec: str, attention: str) -> str:
+    """The attention backend that a --fa4-tiles item runs: `attention` (the --attention backend)
+    for "engine" or "fa4", else the variant "fa4@SPEC", FA4 at that forward tile. ValueError when
+    SPEC is not a tile (esmflash.kernels.attention.parse_fa4_tile)."""
+    if spec in ENGINE_TILES:
+        return attention
+    parse_fa4_tile(spec)
+    return f"fa4@{spec}"
 
-    return common.length_class_records(length_class, total_tokens, seed)
+
+def parse_configs(text: str) -> dict[str, list[str]]:
+    """--configs "MODEL:PRECISION,..." -> {model: [precision, ...]} in the order given; ValueError
+    when an item is not of that form or names an unknown precision."""
+    configs: dict[str, list[str]] = {}
+    for item in text.split(","):
+        name, sep, precision = item.rpartition(":")
+        if not (sep and name) or precision not in PRECISIONS:
+            raise ValueError(f"--configs item {item!r}: expected MODEL:PRECISION, PRECISION one of {tuple(PRECISIONS)}")
+        configs.setdefault(name, []).append(precision)
+    return configs
+
+
+def int_list(text: str, option: str) -> list[int]:
+    """A comma-separated list of ints >= 0; ValueError naming `option` otherwise."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = [-1]
+    if any(v < 0 for v in values):
+        raise ValueError(f"{option} {text!r}: expected comma-separated integers >= 0")
+    return values
 
 
 def class_batch(alphabet, length_class: str, budget: int, seed: int) -> PackedBatch:
-    batches = pack_sequences(class_records(length_class, budget, seed), alphabet, budget)
+    """One packed batch of the suite's length class filling `budget` tokens (CPU tensors)."""
+    batches = pack_sequences(length_class_records(length_class, budget, seed), alphabet, budget)
     assert len(batches) == 1, "the records fill one budget"
     return batches[0]
 
@@ -136,7 +170,8 @@ def free_cuda() -> None:
 @torch.no_grad()
 def reference_outputs(name: str, batches: dict[int, PackedBatch], seed: int, device) -> dict[int, torch.Tensor]:
     """Last-layer representations [T, D] of the fp32 model (sdpa attention) per budget, on GPU."""
-    model, _ = load_esm2_model(name, precision="fp32", device=device, attention="sdpa", seed=seed)
+    model, _ = load_esm2_model(name, precision="fp32", device=device, engine={"attention": "sdpa"},
+                               random_weights=True, seed=seed)
     layer = model.num_layers
     refs = {b: model.forward_packed(batch, repr_layers=[layer])["representations"][layer] for b, batch in batches.items()}
     torch.cuda.synchronize()
@@ -145,19 +180,31 @@ def reference_outputs(name: str, batches: dict[int, PackedBatch], seed: int, dev
     return refs
 
 
+def engine_fields(model) -> dict:
+    """What a row records of the model and the engine it ran."""
+    return {"model": model.model_name, "precision": model.precision, "forward_impl": model.forward_impl,
+            "compile_mode": model.engine.compile_mode, "attention": model.attention_backend,
+            "gemm": model.gemm_backend, "norm": model.norm_backend, "micro_batch_tokens": model.micro_batch_tokens,
+            "cuda_graphs": model.cuda_graphs}
+
+
 @torch.no_grad()
 def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, args, peak_flops: float) -> dict:
-    """Time one (model, its forward_impl, batch): the first call (compile + warm-up), then
+    """Time one (model, its engine, batch): the first call (compile + warm-up), then
     `args.warmup` untimed calls and `args.repeats` CUDA-event samples."""
     layer = model.num_layers
     graphs_before = graph_count()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
 
     def forward():
         return model.forward_packed(batch, repr_layers=[layer])
 
+    def warm_pass() -> None:
+        forward()
+        torch.cuda.synchronize()
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
     out = forward()["representations"][layer]
     torch.cuda.synchronize()
@@ -166,12 +213,7 @@ def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, 
     errors = relative_errors(out, ref) if ref is not None else None
     # Activation memory of a warm pass, as the suite counts it: its peak allocation above what was
     # allocated before it (weights, batch), the [T, D] output included.
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    forward()
-    torch.cuda.synchronize()
-    activation_bytes = torch.cuda.max_memory_allocated() - before
+    _, activation_bytes = cuda_allocation_peak(warm_pass)
     samples = time_device(forward, model.device, repeats=args.repeats, warmup=args.warmup)
     sec = median(samples)
     # A replayed CUDA graph must give the first (ungraphed) call's output.
@@ -179,15 +221,7 @@ def probe_one(model, batch: PackedBatch, budget: int, ref: torch.Tensor | None, 
     del out
     flops = forward_flops(batch.lengths, layer, model.embed_dim)
     row = {
-        "model": model.model_name,
-        "precision": model.precision,
-        "forward_impl": model.forward_impl,
-        "compile_mode": model.compile_mode,
-        "attention": model.attention_backend,
-        "gemm": model.gemm_backend,
-        "norm": model.norm_backend,
-        "micro_batch_tokens": model.micro_batch_tokens,
-        "cuda_graphs": model.cuda_graphs,
+        **engine_fields(model),
         "budget": budget,
         "length_class": args.length_class,
         "tokens": batch.num_tokens,
@@ -220,8 +254,8 @@ def print_row(row: dict) -> None:
         f"first {row['first_call_s']:7.2f}s  {row['median_ms']:8.2f} ms  {row['tokens_per_s'] / 1e3:7.1f}k tok/s  "
         f"{row['tflops']:6.1f} TFLOP/s  MFU {row['mfu_pct']:5.1f}%  first-call peak {row['peak_mem_mib'] / 1024:6.2f} GiB "
         f"(+{row['activation_peak_mib'] / 1024:.2f})  activations {row['activation_bytes_per_token'] / 1024:.1f} KiB/token  "
-        f"micro-batch {row['micro_batch_tokens'] or 'off'}  cuda graphs {'on' if row['cuda_graphs'] else 'off'}  graphs +{row['new_graphs']}  max rel err {err}  "
-        f"vs first call {row['max_abs_diff_vs_first_call']:.1e}",
+        f"micro-batch {row['micro_batch_tokens'] or 'off'}  cuda graphs {'on' if row['cuda_graphs'] else 'off'}  "
+        f"graphs +{row['new_graphs']}  max rel err {err}  vs first call {row['max_abs_diff_vs_first_call']:.1e}",
         flush=True,
     )
     if "kernel_ms" in row:
@@ -229,12 +263,6 @@ def print_row(row: dict) -> None:
         parts = [f"{k} {v:.2f}" for k, v in ms.items() if k not in ("total", "idle", "gaps", "outside") and v > 0]
         print(f"{'':>20s} kernel ms: {', '.join(parts)}; all kernels {ms['total']:.2f}, GPU idle {ms['idle']:.2f} "
               f"(gaps between kernels {ms['gaps']:.2f}, outside the pass's kernels {ms['outside']:.2f})", flush=True)
-
-
-def fa4_tile_override(spec: str) -> dict | None:
-    """--fa4-tiles item -> esmflash.attention.FA4_TILE_OVERRIDE: None (FA4's own pick, what the
-    engine runs) for "fa4" or "engine", else the parsed tile."""
-    return None if spec in ("fa4", "engine") else attention.parse_fa4_tile(spec)
 
 
 def emit(row: dict, args) -> None:
@@ -245,7 +273,7 @@ def emit(row: dict, args) -> None:
             f.write(line + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated MODEL:PRECISION")
     parser.add_argument("--budgets", default="16384,32768", help="comma-separated token budgets")
@@ -253,11 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", default="auto", help="attention backend (auto: fastest available)")
     parser.add_argument("--gemms", default="cublas", help="comma-separated GEMM backends (cublas, quack)")
     parser.add_argument("--norms", default="auto", help="comma-separated norm backends (torch, triton, auto)")
-    parser.add_argument("--length-class", default="mixed", help="the suite's length class of the batch "
-                        "(short, medium, long, xlong, mixed)")
+    parser.add_argument("--length-class", default="mixed", choices=LENGTH_CLASSES,
+                        help="the suite's length class of the batch (esmflash.bench.workloads)")
     parser.add_argument("--fa4-tiles", default="engine",
-                        help="comma-separated FA4 forward tiles: fa4 or engine (FA4's own pick, what the engine "
-                             "runs) or TMxTN[:nors][:noov] (esmflash.attention.parse_fa4_tile)")
+                        help="comma-separated FA4 forward tiles: engine or fa4 (the --attention backend, FA4 at "
+                             "its own tile) or TMxTN[:nors][:noov] (the backend fa4@TILE; "
+                             "esmflash.kernels.attention.parse_fa4_tile)")
     parser.add_argument("--cuda-graphs", default="on", help="comma-separated: on, off (CUDA graph replay)")
     parser.add_argument("--micro-batches", default=None,
                         help="comma-separated micro_batch_tokens values (0: off; default: the engine's default)")
@@ -269,20 +298,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jsonl", default=None, help="also append JSON lines to this file")
     parser.add_argument("--device", default="cuda", help="a CUDA device (cuda, cuda:1, ...)")
     parser.add_argument("--breakdown", action="store_true", help="kernel time per family (one profiled forward)")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("mfu_probe: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    args.repeats = max(5, args.repeats)
-    budgets = [int(b) for b in args.budgets.split(",")]
-    impls = args.impls.split(",")
-    configs: dict[str, list[str]] = {}
-    for item in args.configs.split(","):
-        name, precision = item.split(":")
-        configs.setdefault(name, []).append(precision)
+    return parser
 
-    t_start = time.perf_counter()
-    device = torch.device(args.device)
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, every list checked before any GPU work (exit 2 naming the bad item).
+    Adds model_precisions ({model: [precision]}), budget_list, micro_batch_list (None: the
+    engine's default) and attention_by_tile ({tile item: attention backend})."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.model_precisions = parse_configs(args.configs)
+        args.budget_list = int_list(args.budgets, "--budgets")
+        args.micro_batch_list = int_list(args.micro_batches, "--micro-batches") if args.micro_batches else None
+        args.attention_by_tile = {t: attention_for_tile(t, args.attention) for t in args.fa4_tiles.split(",")}
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.repeats = max(5, args.repeats)
+    return args
+
+
+def cuda_environment(name: str) -> tuple[torch.device, dict, float]:
+    """(the CUDA device, the row fields that describe it, the MFU denominator in FLOP/s); prints
+    one header line."""
+    device = torch.device(name)
     if device.index is None:  # torch.cuda.set_device needs an index
         device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
@@ -294,49 +333,75 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {env['gpu']}, torch {env['torch']} (CUDA {env['cuda']}), measured fp16 8192^3 matmul "
           f"{env['peak_tflops_fp16_8192']} TFLOP/s, MFU denominator {env['mfu_denominator_tflops']} TFLOP/s "
           f"({source}); esmflash from {Path(esmflash.__file__).parent}", flush=True)
+    return device, env, peak
 
-    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")  # every ESM-2 model's alphabet
-    batches = {b: class_batch(alphabet, args.length_class, b, args.seed).to(device) for b in budgets}
-    for name, precisions in configs.items():
-        refs: dict[int, torch.Tensor] = {}
-        if not args.no_reference:
-            t_ref = time.perf_counter()
-            refs = reference_outputs(name, batches, args.seed, device)
-            print(f"# {name}: fp32 reference outputs in {time.perf_counter() - t_ref:.1f}s", flush=True)
-        for precision in precisions:
-            t_load = time.perf_counter()
-            model, _ = load_esm2_model(name, precision=precision, device=device, attention=args.attention, seed=args.seed)
-            print(f"# {name} {precision}: loaded in {time.perf_counter() - t_load:.1f}s, weights "
-                  f"{model.weights_source}, attention {model.attention_backend}", flush=True)
-            micro_batches = ([int(m) for m in args.micro_batches.split(",")] if args.micro_batches
-                             else [model.micro_batch_tokens])
-            for impl, gemm, norm, tile, graphs, micro, b in itertools.product(
-                    impls, args.gemms.split(","), args.norms.split(","), args.fa4_tiles.split(","),
-                    args.cuda_graphs.split(","), micro_batches, budgets):
-                try:
-                    attention.FA4_TILE_OVERRIDE = fa4_tile_override(tile)
-                    model.set_cuda_graphs(graphs == "on")
-                    model.set_compile(impl == "compiled", args.compile_mode)
-                    model.set_gemm_backend(gemm)
-                    model.set_norm_backend(norm)
-                    model.set_micro_batch_tokens(micro)
-                    row = probe_one(model, batches[b], b, refs.get(b), args, peak)
-                except Exception as exc:  # report and go on: one broken config must not hide the rest
-                    traceback.print_exc()
-                    row = {"model": name, "precision": precision, "forward_impl": impl, "gemm": gemm, "norm": norm,
-                           "micro_batch_tokens": micro, "cuda_graphs": graphs == "on", "budget": b,
-                           "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
-                    print(f"{name} {precision} {impl} {gemm} {norm} budget {b}: FAILED {row['error']}", flush=True)
-                    emit({**row, **env}, args)
-                    free_cuda()
-                    continue
-                row["fa4_tile"] = tile
-                print_row(row)
-                emit({**row, **env, "weights_source": model.weights_source}, args)
-            del model
-            free_cuda()
-        del refs
+
+def report_failure(exc: Exception, fields: dict, args, env: dict) -> None:
+    """Print a config that failed (traceback, one line, an "error" JSON line); the probe goes on."""
+    traceback.print_exc()
+    row = {**fields, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
+    print(f"{row['model']} {row['precision']} {row['forward_impl']} {row['gemm']} {row['norm']} budget "
+          f"{row['budget']}: FAILED {row['error']}", flush=True)
+    emit({**row, **env}, args)
+    free_cuda()
+
+
+def probe_configs(model, batches: dict[int, PackedBatch], refs: dict[int, torch.Tensor], args, env: dict,
+                  peak: float) -> None:
+    """Every combination of impl, GEMM, norm, FA4 tile, CUDA graphs, micro-batch and budget on one
+    loaded model, each through `model.configure`."""
+    micro_batches = args.micro_batch_list or [model.micro_batch_tokens]
+    for impl, gemm, norm, tile, graphs, micro, b in itertools.product(
+            args.impls.split(","), args.gemms.split(","), args.norms.split(","), args.attention_by_tile,
+            args.cuda_graphs.split(","), micro_batches, args.budget_list):
+        try:
+            model.configure(attention=args.attention_by_tile[tile], compile=impl == "compiled",
+                            compile_mode=args.compile_mode, cuda_graphs=graphs == "on", gemm=gemm, norm=norm,
+                            micro_batch_tokens=micro)
+            row = probe_one(model, batches[b], b, refs.get(b), args, peak)
+        except Exception as exc:  # report and go on: one broken config must not hide the rest
+            fields = {"model": model.model_name, "precision": model.precision, "forward_impl": impl, "gemm": gemm,
+                      "norm": norm, "fa4_tile": tile, "micro_batch_tokens": micro, "cuda_graphs": graphs == "on",
+                      "budget": b}
+            report_failure(exc, fields, args, env)
+            continue
+        row["fa4_tile"] = tile
+        print_row(row)
+        emit({**row, **env, "weights_source": model.weights_source}, args)
+
+
+def probe_model(name: str, precisions: list[str], batches: dict[int, PackedBatch], args, device, env: dict,
+                peak: float) -> None:
+    """The fp32 reference of one model (unless --no-reference), then every config per precision."""
+    refs: dict[int, torch.Tensor] = {}
+    if not args.no_reference:
+        t_ref = time.perf_counter()
+        refs = reference_outputs(name, batches, args.seed, device)
+        print(f"# {name}: fp32 reference outputs in {time.perf_counter() - t_ref:.1f}s", flush=True)
+    for precision in precisions:
+        t_load = time.perf_counter()
+        model, _ = load_esm2_model(name, precision=precision, device=device, engine={"attention": args.attention},
+                                   random_weights=True, seed=args.seed)
+        print(f"# {name} {precision}: loaded in {time.perf_counter() - t_load:.1f}s, weights "
+              f"{model.weights_source}, attention {model.attention_backend}", flush=True)
+        probe_configs(model, batches, refs, args, env, peak)
+        del model
         free_cuda()
+    del refs
+    free_cuda()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("mfu_probe: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    device, env, peak = cuda_environment(args.device)
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")  # every ESM-2 model's alphabet
+    batches = {b: class_batch(alphabet, args.length_class, b, args.seed).to(device) for b in args.budget_list}
+    for name, precisions in args.model_precisions.items():
+        probe_model(name, precisions, batches, args, device, env, peak)
     print(f"# total {time.perf_counter() - t_start:.0f}s", flush=True)
     return 0
 

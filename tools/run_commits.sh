@@ -10,13 +10,20 @@
 # here). The current checkout's engine is reinstalled at the end. Results of other commits are
 # never touched: asv writes one file per commit; a benchmark that crashes or times out is
 # recorded as failed for that commit and the run goes on (the exit status is then 2).
-# REGEX defaults to the tier's forward-pass series (common.FORWARD_SELECTION).
+# REGEX defaults to the tier's forward-pass series (FORWARD_SELECTION[TIER] of benchmarks/config.py,
+# loaded from its file).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 select=""
 if [ "${1:-}" = "-b" ]; then select=$2; shift 2; fi
 [ $# -gt 0 ] || { echo "usage: $0 [-b REGEX] COMMIT [COMMIT ...]" >&2; exit 2; }
-[ -n "$select" ] || select=$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import common; print(common.FORWARD_SELECTION[common.TIER])')
+if [ -z "$select" ]; then
+    select=$(python3 -c 'import importlib.util as u
+spec = u.spec_from_file_location("esmflash_suite_config", "benchmarks/config.py")
+config = u.module_from_spec(spec)
+spec.loader.exec_module(config)
+print(config.FORWARD_SELECTION[config.TIER])') || { echo "$0: cannot read benchmarks/config.py" >&2; exit 2; }
+fi
 machine=$(python3 tools/asv_machine.py)
 tmp=$(mktemp -d)
 trap 'git worktree prune; rm -rf "$tmp"; python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null' EXIT

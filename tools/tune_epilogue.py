@@ -8,22 +8,25 @@ For each model and precision, on T packed tokens of random activations and weigh
   out_bias  out_proj: o Wo^T + bo            the GEMM alone, bias in its epilogue (cuBLAS:
   fc2_bias  fc2:      g W2^T + b2             F.linear; the residual add stays in the next kernel)
   qkv       QKV:      rotary(h Wqkv^T + bqkv)   h [T, D],  Wqkv [3D, D], rotary on q and k at the
-                      positions of sequences of 300 tokens (cuBLAS: fused.rotate_qk compiled, as
-                      the forward runs it; quack: epilogue.qkv_rotary on interleaved weights)
+                      positions of sequences of 300 tokens (cuBLAS: esmflash.kernels.rotary.rotate_qk
+                      compiled, as the forward runs it; quack: esmflash.kernels.gemm.quack_qkv_rotary
+                      on interleaved weights)
 
 it prints the median ms (CUDA events), TFLOP/s of the GEMM, and the max |error| / max |ref|
 against the same math in fp32, for "cublas" (F.linear and the tail compiled together by
-torch.compile, as the compiled forward runs them) and for quack's GEMM with each candidate tile
-config (esmflash.epilogue.quack_config). The first quack call per config compiles a
-CuTe DSL kernel (seconds; quack caches it on disk); that time is printed too. One JSON line per
-measurement; the last lines name the fastest config per role and precision.
+torch.compile with COMPILE_OPTIONS["triton"], as the compiled forward runs them) and for
+quack's GEMM with each candidate tile config (esmflash.kernels.gemm.quack_config). The engine's
+pinned configs (SM90_GELU_CONFIG for fc1 + GELU, SM90_ROPE_CONFIG for QKV + rotary) are among the
+default candidates. The first quack call per config compiles a CuTe DSL kernel (seconds; quack
+caches it on disk); that time is printed too. One JSON line per measurement; the last lines name
+the fastest config per role and precision.
 
     python tools/tune_epilogue.py --configs esm2_t33_650M_UR50D:fp16:16384,esm2_t36_3B_UR50D:bf16:8192
 
 --candidates sm90 sweeps quack's own sm90 tuning space (SM90_SPACE, 22 configs). --graph-calls N
 times CUDA graphs of N back-to-back calls in alternating rounds instead of single calls: a GEMM
 alone runs at its burst clock, inside a forward pass at the power cap's, and the graphs keep the
-card busy long enough to rank configs at the sustained clock (NOTES, eleventh round).
+card busy long enough to rank configs at the sustained clock.
 
     python tools/tune_epilogue.py --configs esm2_t36_3B_UR50D:fp16:8119 --roles gelu,qkv \
         --candidates sm90 --graph-calls 20 --repeats 5
@@ -38,26 +41,18 @@ import re
 import sys
 import time
 import traceback
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from esmflash.bench.perf import cuda_graph_of_calls, graph_seconds_per_call, median, time_device
+from esmflash.kernels.gemm import quack_config, quack_linear, quack_qkv_rotary
+from esmflash.kernels.rotary import (interleave_rotary_rows, rotary_half_tables, rotary_inv_freq, rotary_turns_table,
+                                     rotate_qk)
+from esmflash.model import ESM2_ARCHITECTURES, PRECISIONS
+from esmflash.model.layers import COMPILE_OPTIONS
 
-from esmflash.epilogue import (  # noqa: E402
-    interleave_rotary_rows,
-    quack_config,
-    quack_linear,
-    quack_qkv_rotary,
-    rotary_turns_table,
-)
-from esmflash.fused import COMPILE_OPTIONS, rotary_half_tables, rotary_inv_freq, rotate_qk  # noqa: E402
-from esmflash.models import ESM2_ARCHITECTURES, PRECISIONS  # noqa: E402
-from esmflash.perf import cuda_graph_of_calls, graph_seconds_per_call, median, time_device  # noqa: E402
-
-# Candidate quack GemmConfig fields for sm90 (esmflash.epilogue.quack_config), by name; any other
+# Candidate quack GemmConfig fields for sm90 (esmflash.kernels.gemm.quack_config), by name; any other
 # name of the same form (parse_candidate) is accepted too.
 CANDIDATES = {
     "128x192pp_c21": dict(tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1),
@@ -76,6 +71,9 @@ SM90_SPACE = ",".join(
                        (256, 128, "co"), (256, 160, "co"), (256, 192, "co"), (256, 208, "co"), (128, 224, "co"),
                        (128, 256, "co")]
     for c in ("21", "12"))
+
+# (K, N) of each role's GEMM in multiples of the model width D: x [T, K] @ W [N, K]^T.
+ROLE_SHAPES = {"gelu": (1, 4), "out": (1, 1), "fc2": (4, 1), "qkv": (1, 3), "out_bias": (1, 1), "fc2_bias": (4, 1)}
 
 
 def parse_candidate(name: str) -> dict:
@@ -127,8 +125,7 @@ def qkv_in_esm_order(out, head_dim: int) -> torch.Tensor:
 def role_inputs(role: str, t: int, d: int, dtype: torch.dtype, gen: torch.Generator) -> tuple:
     """Random operands of one role, scaled like a trained layer's (unit-variance activations,
     weights ~ 1/sqrt(fan_in))."""
-    k, n = {"gelu": (d, 4 * d), "out": (d, d), "fc2": (4 * d, d), "qkv": (d, 3 * d), "out_bias": (d, d),
-            "fc2_bias": (4 * d, d)}[role]
+    k, n = (f * d for f in ROLE_SHAPES[role])
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
@@ -172,14 +169,40 @@ def measure(fn, args: tuple, ref: torch.Tensor, flops: float, repeats: int, cano
     return {**row, "median_ms": round(sec * 1e3, 4), "tflops": round(flops / sec / 1e12, 1)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def expand_candidates(text: str) -> list[str]:
+    """--candidates -> candidate names, "sm90" expanded to SM90_SPACE; ValueError (parse_candidate)
+    for a name of neither form."""
+    names = [c for item in text.split(",") for c in (SM90_SPACE.split(",") if item == "sm90" else [item])]
+    for name in names:
+        parse_candidate(name)
+    return names
+
+
+def parse_configs(text: str) -> list[tuple[str, str, int]]:
+    """--configs "MODEL:PRECISION:TOKENS,..." -> [(model, precision, tokens)]; ValueError when an
+    item is not of that form, names an unknown model or precision, or tokens is not >= 1."""
+    out = []
+    for item in text.split(","):
+        parts = item.split(":")
+        ok = (len(parts) == 3 and parts[0] in ESM2_ARCHITECTURES and parts[1] in PRECISIONS
+              and parts[2].isdigit() and int(parts[2]) > 0)
+        if not ok:
+            raise ValueError(f"--configs item {item!r}: expected MODEL:PRECISION:TOKENS (MODEL one of "
+                             f"{tuple(ESM2_ARCHITECTURES)}, PRECISION one of {tuple(PRECISIONS)})")
+        out.append((parts[0], parts[1], int(parts[2])))
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before any GPU work (exit 2 naming the bad item). Adds
+    candidate_list (expand_candidates), config_list (parse_configs) and role_list."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="esm2_t33_650M_UR50D:fp16:16384,esm2_t36_3B_UR50D:bf16:8192",
                         help="comma-separated MODEL:PRECISION:TOKENS")
     parser.add_argument("--candidates", default=",".join(CANDIDATES),
                         help="comma-separated candidate names (CANDIDATES or parse_candidate's form); "
                              "'sm90' = quack's own sm90 tuning space")
-    parser.add_argument("--roles", default="gelu,out,fc2,qkv")
+    parser.add_argument("--roles", default="gelu,out,fc2,qkv", help=f"comma-separated, of {', '.join(ROLE_SHAPES)}")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--jsonl", default=None)
     parser.add_argument("--graph-calls", type=int, default=0,
@@ -187,12 +210,107 @@ def main(argv: list[str] | None = None) -> int:
                              "sample, events around it); with --rounds alternating rounds")
     parser.add_argument("--rounds", type=int, default=2, help="with --graph-calls: rounds in alternating order")
     args = parser.parse_args(argv)
-    candidates = [c for item in args.candidates.split(",") for c in (SM90_SPACE.split(",") if item == "sm90" else [item])]
-    for cand in candidates:
+    try:
+        args.candidate_list = expand_candidates(args.candidates)  # a bad name fails here, before any GPU work
+        args.config_list = parse_configs(args.configs)
+        args.role_list = args.roles.split(",")
+        unknown = [r for r in args.role_list if r not in ROLE_SHAPES]
+        if unknown:
+            raise ValueError(f"--roles {unknown}: expected some of {tuple(ROLE_SHAPES)}")
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def quack_runs(candidates: list[str], make) -> list[tuple[str, object]]:
+    """("quack:<candidate>", make(its quack GemmConfig)) per candidate."""
+    return [(f"quack:{cand}", make(quack_config(parse_candidate(cand)))) for cand in candidates]
+
+
+def qkv_runs(inputs: tuple, d: int, head_dim: int, candidates: list[str], compiled_qkv) -> list[tuple[str, object]]:
+    """The qkv role's implementations: cuBLAS + compiled rotary on cos/sin tables, then quack's
+    rotary epilogue on interleaved weights per candidate."""
+    x, w, b, positions = inputs
+    tables = rotary_half_tables(positions, head_dim)  # once per pass in the forward: not timed
+    w_il, b_il = interleave_rotary_rows(w, head_dim, 2 * d), interleave_rotary_rows(b, head_dim, 2 * d)
+    rope = (positions.float(), rotary_turns_table(rotary_inv_freq(head_dim), 2 * d, d).cuda())
+    cublas = ("cublas", lambda x, w, b, _: compiled_qkv(x, w, b, *tables))
+    return [cublas] + quack_runs(candidates, lambda cfg: lambda x, w, b, _: quack_qkv_rotary(x, w_il, b_il, *rope, cfg))
+
+
+def role_runs(role: str, inputs: tuple, d: int, head_dim: int, candidates: list[str],
+              compiled: dict) -> list[tuple[str, object]]:
+    """(label, fn(*inputs)) per implementation of a role: "cublas", then "quack:<candidate>"."""
+    if role == "qkv":
+        return qkv_runs(inputs, d, head_dim, candidates, compiled["qkv"])
+    if role.endswith("_bias"):
+        return [("cublas", F.linear)] + quack_runs(
+            candidates, lambda cfg: lambda x, w, b: quack_linear(x, w, b, None, None, cfg))
+    if role == "gelu":
+        return [("cublas", compiled["gelu"])] + quack_runs(
+            candidates, lambda cfg: lambda x, w, b: quack_linear(x, w, b, None, "gelu_erf", cfg))
+    return [("cublas", compiled["residual"])] + quack_runs(
+        candidates, lambda cfg: lambda x, w, b, r: quack_linear(x, w, b, r, None, cfg))
+
+
+def time_runs(runs: list, inputs: tuple, ref: torch.Tensor, flops: float, canonical, key: dict, args,
+              device: torch.device) -> dict[str, dict]:
+    """{label: row} of each run: first call, then single calls timed by CUDA events, or (with
+    --graph-calls) CUDA graphs of back-to-back calls in alternating rounds. A run that fails
+    gets an "error" row and the others go on."""
+    rows, graphs = {}, {}
+    for label, fn in runs:
+        row = {**key, "impl": label}
         try:
-            parse_candidate(cand)  # a bad name fails here, before any GPU work
-        except ValueError as exc:
-            parser.error(str(exc))
+            if args.graph_calls:
+                row.update(first_call(fn, inputs, ref, canonical))
+                graphs[label] = cuda_graph_of_calls(lambda fn=fn: fn(*inputs), args.graph_calls, device)
+            else:
+                row.update(measure(fn, inputs, ref, flops, args.repeats, canonical))
+        except Exception as exc:  # one config that does not build must not hide the rest
+            traceback.print_exc(limit=3)
+            row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        rows[label] = row
+    if graphs:
+        seconds = graph_seconds_per_call(graphs, args.graph_calls, device, args.repeats, args.rounds)
+        for label, sec in seconds.items():
+            rows[label].update(median_ms=round(sec * 1e3, 4), tflops=round(flops / sec / 1e12, 1))
+        del graphs
+    return rows
+
+
+def record(rows: dict[str, dict], key: tuple, args, cublas_ms: dict, best: dict) -> None:
+    """Print (and append to --jsonl) each row; note cuBLAS's time and the fastest quack config."""
+    for label, row in rows.items():
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(line + "\n")
+        if "median_ms" not in row:
+            continue
+        if label == "cublas":
+            cublas_ms[key] = row["median_ms"]
+        elif key not in best or row["median_ms"] < best[key][1]:
+            best[key] = (label, row["median_ms"])
+
+
+def tune_role(name: str, precision: str, t: int, role: str, args, compiled: dict, gen: torch.Generator,
+              device: torch.device) -> dict[str, dict]:
+    """{label: row} of every implementation of one role of one model at T tokens."""
+    _, d, heads = ESM2_ARCHITECTURES[name]
+    dh = d // heads
+    inputs = role_inputs(role, t, d, PRECISIONS[precision], gen)
+    ref = reference(role, inputs, dh)
+    flops = 2.0 * t * inputs[1].shape[0] * inputs[1].shape[1]
+    canonical = functools.partial(qkv_in_esm_order, head_dim=dh) if role == "qkv" else None
+    runs = role_runs(role, inputs, d, dh, args.candidate_list, compiled)
+    key = {"model": name, "precision": precision, "tokens": t, "role": role}
+    return time_runs(runs, inputs, ref, flops, canonical, key, args, device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_epilogue: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -203,71 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[tuple, tuple[str, float]] = {}  # (model, precision, role) -> (quack config, ms)
     gen = torch.Generator(device="cuda").manual_seed(0)
     device = torch.device("cuda")
-    for item in args.configs.split(","):
-        name, precision, tokens = item.split(":")
-        _, d, heads = ESM2_ARCHITECTURES[name]
-        t, dtype, dh = int(tokens), PRECISIONS[precision], d // heads
-        for role in args.roles.split(","):
-            inputs = role_inputs(role, t, d, dtype, gen)
-            ref = reference(role, inputs, dh)
-            flops = 2.0 * t * inputs[1].shape[0] * inputs[1].shape[1]
-            canonical = functools.partial(qkv_in_esm_order, head_dim=dh) if role == "qkv" else None
-            if role == "qkv":
-                x, w, b, positions = inputs
-                tables = rotary_half_tables(positions, dh)  # once per pass in the forward: not timed
-                w_il, b_il = interleave_rotary_rows(w, dh, 2 * d), interleave_rotary_rows(b, dh, 2 * d)
-                rope = (positions.float(), rotary_turns_table(rotary_inv_freq(dh), 2 * d, d).cuda())
-                runs = [("cublas", lambda x, w, b, _: compiled["qkv"](x, w, b, *tables))]
-                for cand in candidates:
-                    cfg = quack_config(parse_candidate(cand))
-                    runs.append((f"quack:{cand}", lambda x, w, b, _, cfg=cfg: quack_qkv_rotary(
-                        x, w_il, b_il, *rope, cfg)))
-            elif role.endswith("_bias"):
-                runs = [("cublas", F.linear)]
-                for cand in candidates:
-                    cfg = quack_config(parse_candidate(cand))
-                    runs.append((f"quack:{cand}", lambda x, w, b, cfg=cfg: quack_linear(x, w, b, None, None, cfg)))
-            else:
-                kind = "gelu" if role == "gelu" else "residual"
-                act = "gelu_erf" if role == "gelu" else None
-                runs = [("cublas", compiled[kind])]
-                for cand in candidates:
-                    cfg = quack_config(parse_candidate(cand))
-                    residual = None if role == "gelu" else 3
-                    runs.append((f"quack:{cand}", lambda *a, cfg=cfg, residual=residual: quack_linear(
-                        a[0], a[1], a[2], a[residual] if residual else None, act, cfg)))
-            rows, graphs = {}, {}
-            for label, fn in runs:
-                row = {"model": name, "precision": precision, "tokens": t, "role": role, "impl": label}
-                try:
-                    if args.graph_calls:
-                        row.update(first_call(fn, inputs, ref, canonical))
-                        graphs[label] = cuda_graph_of_calls(lambda fn=fn: fn(*inputs), args.graph_calls, device)
-                    else:
-                        row.update(measure(fn, inputs, ref, flops, args.repeats, canonical))
-                except Exception as exc:  # one config that does not build must not hide the rest
-                    traceback.print_exc(limit=3)
-                    row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                rows[label] = row
-            if graphs:
-                seconds = graph_seconds_per_call(graphs, args.graph_calls, device, args.repeats, args.rounds)
-                for label, sec in seconds.items():
-                    rows[label].update(median_ms=round(sec * 1e3, 4), tflops=round(flops / sec / 1e12, 1))
-                del graphs
-            for label, row in rows.items():
-                line = json.dumps(row)
-                print(line, flush=True)
-                if args.jsonl:
-                    with open(args.jsonl, "a") as f:
-                        f.write(line + "\n")
-                key = (name, precision, role)
-                if "median_ms" not in row:
-                    continue
-                if label == "cublas":
-                    cublas_ms[key] = row["median_ms"]
-                elif key not in best or row["median_ms"] < best[key][1]:
-                    best[key] = (label, row["median_ms"])
-            del inputs, ref
+    for name, precision, t in args.config_list:
+        for role in args.role_list:
+            rows = tune_role(name, precision, t, role, args, compiled, gen, device)
+            record(rows, (name, precision, role), args, cublas_ms, best)
+            del rows
             torch.cuda.empty_cache()
     for key, (label, ms) in sorted(best.items()):
         base = cublas_ms.get(key)

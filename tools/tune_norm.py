@@ -3,11 +3,13 @@
 For each model width and precision, on T tokens of random data, it times the pair
 
   inductor  x1 = x + a; h1 = layer_norm(x1); x2 = x1 + m; h2 = layer_norm(x2), compiled by
-            torch.compile with the forward's options (fused.COMPILE_OPTIONS["torch"], tokens dynamic):
-            the ops the compiled forward runs with norm "torch" (two fused kernels; a standalone
-            graph may round differently from the forward's, see benchmarks/NOTES.md)
-  triton    esmflash.layernorm: h1 from (x, a), then (x2, h2) from (x, a, m), at the pinned
-            launch config and at every (rows per program, warps) candidate
+            torch.compile with the forward's options for norm "torch"
+            (esmflash.model.layers.COMPILE_OPTIONS["torch"], tokens dynamic): the ops the compiled
+            forward runs with norm "torch" (two fused kernels; a standalone graph may round
+            differently from the forward's)
+  triton    esmflash.kernels.norm.add_layer_norm_triton: h1 from (x, a), then (x2, h2) from
+            (x, a, m), at the pinned launch config (launch_config, from LAUNCH_CONFIGS) and at
+            every (rows per program, warps) candidate
 
 and prints the median microseconds of the pair (CUDA events around a CUDA graph of `--calls`
 pairs), the bandwidth (8 tensor passes of [T, D]: 2 reads + 1 write, then 3 reads + 2 writes)
@@ -22,20 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from esmflash.fused import COMPILE_OPTIONS  # noqa: E402
-from esmflash.layernorm import add_layer_norm_reference, add_layer_norm_triton, launch_config  # noqa: E402
-from esmflash.models import ESM2_ARCHITECTURES, PRECISIONS  # noqa: E402
-from esmflash.perf import cuda_graph_of_calls, median, time_device  # noqa: E402
+from esmflash.bench.perf import cuda_graph_of_calls, median, time_device
+from esmflash.kernels.norm import add_layer_norm_reference, add_layer_norm_triton, launch_config
+from esmflash.model import ESM2_ARCHITECTURES, PRECISIONS
+from esmflash.model.layers import COMPILE_OPTIONS
 
 EPS = 1e-5
+MAX_BLOCK_ELEMENTS = 16384  # rows x BLOCK_D one program may hold in registers
+MIN_ELEMENTS_PER_THREAD = 4
 
 
 def _boundary(x, a, m, w, b):
@@ -64,7 +64,40 @@ def _timed(fn, calls: int, repeats: int, device) -> float:
     return median(time_device(graph.replay, device, repeats=repeats, warmup=2)) / calls
 
 
-def main(argv: list[str] | None = None) -> int:
+def launch_candidates(block: int, rows_list: list[int], warps_list: list[int]) -> list[tuple[int, int]]:
+    """(rows per program, warps) candidates for a BLOCK_D: every pair that fits one program's
+    registers (rows x BLOCK_D <= MAX_BLOCK_ELEMENTS) and gives each thread at least
+    MIN_ELEMENTS_PER_THREAD elements."""
+    return [(rows, warps) for rows in rows_list for warps in warps_list
+            if rows * block <= MAX_BLOCK_ELEMENTS and warps * 32 * MIN_ELEMENTS_PER_THREAD <= rows * block]
+
+
+def parse_configs(text: str) -> list[tuple[str, str, int]]:
+    """--configs "MODEL:PRECISION:TOKENS,..." -> [(model, precision, tokens)]; ValueError when an
+    item is not of that form, names an unknown model or precision, or tokens is not >= 1."""
+    out = []
+    for item in text.split(","):
+        parts = item.split(":")
+        ok = (len(parts) == 3 and parts[0] in ESM2_ARCHITECTURES and parts[1] in PRECISIONS
+              and parts[2].isdigit() and int(parts[2]) > 0)
+        if not ok:
+            raise ValueError(f"--configs item {item!r}: expected MODEL:PRECISION:TOKENS (MODEL one of "
+                             f"{tuple(ESM2_ARCHITECTURES)}, PRECISION one of {tuple(PRECISIONS)})")
+        out.append((parts[0], parts[1], int(parts[2])))
+    return out
+
+
+def positive_ints(text: str, option: str) -> list[int]:
+    """A comma-separated list of ints >= 1; ValueError naming `option` otherwise."""
+    items = text.split(",")
+    if not all(x.isdigit() and int(x) > 0 for x in items):
+        raise ValueError(f"{option} {text!r}: expected comma-separated integers >= 1")
+    return [int(x) for x in items]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before any GPU work (exit 2 naming the bad item). Adds
+    config_list (parse_configs), rows_list and warps_list."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="esm2_t33_650M_UR50D:fp16:16384,esm2_t36_3B_UR50D:fp16:8192",
                    help="comma-separated MODEL:PRECISION:TOKENS")
@@ -73,47 +106,59 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="1,2,4,8", help="rows-per-program candidates")
     p.add_argument("--warps", default="2,4,8,16", help="warp-count candidates")
     args = p.parse_args(argv)
+    try:
+        args.config_list = parse_configs(args.configs)
+        args.rows_list = positive_ints(args.rows, "--rows")
+        args.warps_list = positive_ints(args.warps, "--warps")
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
+
+
+def tune_width(name: str, precision: str, t: int, args, compiled, device) -> dict:
+    """Time inductor's pair, the pinned Triton launch and every candidate for one model width;
+    prints a JSON line each and returns the width's summary (the fastest Triton config)."""
+    d, dtype = ESM2_ARCHITECTURES[name][1], PRECISIONS[precision]
+    g = torch.Generator(device=device).manual_seed(0)
+    x, a, m = (torch.randn(t, d, device=device, generator=g).to(dtype) for _ in range(3))
+    b = torch.randn(d, device=device, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(d, device=device, generator=g)).to(dtype)
+    ref_s, ref_h = add_layer_norm_reference(x, a, m, w, b, EPS)
+    nbytes = 8 * t * d * x.element_size()
+
+    def pair(rows=None, warps=None):
+        h1 = add_layer_norm_triton(x, a, None, w, b, EPS, rows, warps)[1]
+        return (*add_layer_norm_triton(x, a, m, w, b, EPS, rows, warps), h1)
+
+    def report(kind, rows, warps, fn):
+        s, h, _ = fn()
+        sec = _timed(fn, args.calls, args.repeats, device)
+        row = {"model": name, "precision": precision, "tokens": t, "dim": d, "kind": kind, "rows": rows,
+               "warps": warps, "us": round(sec * 1e6, 2), "GBps": round(nbytes / sec / 1e9),
+               "s_err": (s.float() - ref_s.float()).abs().max().item(),
+               "h_err": (h.float() - ref_h.float()).abs().max().item()}
+        print(json.dumps(row), flush=True)
+        return row
+
+    base = report("inductor", None, None, lambda: compiled(x, a, m, w, b))
+    block, rows0, warps0 = launch_config(d)
+    rows_out = [report("triton_pinned", rows0, warps0, pair)]
+    for rows, warps in launch_candidates(block, args.rows_list, args.warps_list):
+        rows_out.append(report("triton", rows, warps, lambda r=rows, v=warps: pair(r, v)))
+    top = min(rows_out, key=lambda r: r["us"])
+    return {"model": name, "precision": precision, "dim": d, "block": block, "inductor_us": base["us"],
+            "pinned_us": rows_out[0]["us"], "best_rows": top["rows"], "best_warps": top["warps"],
+            "best_us": top["us"], "best_GBps": top["GBps"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_norm: needs a CUDA GPU", file=sys.stderr)
+        return 2
     device = torch.device("cuda")
     compiled = _compiled()
-    best = []
-    for spec in args.configs.split(","):
-        name, precision, tokens = spec.split(":")
-        d, dtype, t = ESM2_ARCHITECTURES[name][1], PRECISIONS[precision], int(tokens)
-        g = torch.Generator(device=device).manual_seed(0)
-        x, a, m = (torch.randn(t, d, device=device, generator=g).to(dtype) for _ in range(3))
-        b = torch.randn(d, device=device, generator=g).to(dtype)
-        w = (1 + 0.1 * torch.randn(d, device=device, generator=g)).to(dtype)
-        ref_s, ref_h = add_layer_norm_reference(x, a, m, w, b, EPS)
-        nbytes = 8 * t * d * x.element_size()
-
-        def pair(rows=None, warps=None):
-            h1 = add_layer_norm_triton(x, a, None, w, b, EPS, rows, warps)[1]
-            return (*add_layer_norm_triton(x, a, m, w, b, EPS, rows, warps), h1)
-
-        def report(kind, rows, warps, fn):
-            s, h, _ = fn()
-            sec = _timed(fn, args.calls, args.repeats, device)
-            row = {"model": name, "precision": precision, "tokens": t, "dim": d, "kind": kind, "rows": rows,
-                   "warps": warps, "us": round(sec * 1e6, 2), "GBps": round(nbytes / sec / 1e9),
-                   "s_err": (s.float() - ref_s.float()).abs().max().item(),
-                   "h_err": (h.float() - ref_h.float()).abs().max().item()}
-            print(json.dumps(row), flush=True)
-            return row
-
-        base = report("inductor", None, None, lambda: compiled(x, a, m, w, b))
-        block, rows0, warps0 = launch_config(d)
-        rows_list = [int(r) for r in args.rows.split(",")]
-        warps_list = [int(v) for v in args.warps.split(",")]
-        rows_out = [report("triton_pinned", rows0, warps0, pair)]
-        for rows in rows_list:
-            for warps in warps_list:
-                if rows * block > 16384 or warps * 32 * 4 > rows * block:
-                    continue  # too many registers, or fewer than 4 elements per thread
-                rows_out.append(report("triton", rows, warps, lambda r=rows, v=warps: pair(r, v)))
-        top = min(rows_out, key=lambda r: r["us"])
-        best.append({"model": name, "precision": precision, "dim": d, "block": block, "inductor_us": base["us"],
-                     "pinned_us": rows_out[0]["us"], "best_rows": top["rows"], "best_warps": top["warps"],
-                     "best_us": top["us"], "best_GBps": top["GBps"]})
+    best = [tune_width(name, precision, t, args, compiled, device) for name, precision, t in args.config_list]
     for row in best:
         print("BEST " + json.dumps(row), flush=True)
     return 0

@@ -85,3 +85,11 @@ class NumericalError(RuntimeError):
         shown = ", ".join(repr(s) for s in seq_ids[:10])
         more = f" and {len(seq_ids) - 10} more" if len(seq_ids) > 10 else ""
         super().__init__(f"non-finite values (NaN/Inf) after {where} in sequence(s) {shown}{more}")
+
+
+class WeightsNotFoundError(EsmflashError):
+    """No checkpoint for a model name where esmflash looks, and random weights were not asked for."""
+
+
+class CheckpointError(EsmflashError):
+    """A checkpoint file or folder that cannot be loaded (unreadable, truncated, wrong content)."""

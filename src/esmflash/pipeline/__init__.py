@@ -1,0 +1,1 @@
+"""The streaming embedding pipeline: FASTA in, resumable work units, finished output files."""
