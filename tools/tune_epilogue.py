@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from esmflash.bench.perf import cuda_graph_of_calls, graph_seconds_per_call, median, time_device
+from esmflash.bench.workloads import parse_model_configs
 from esmflash.kernels.gemm import quack_config, quack_linear, quack_qkv_rotary
 from esmflash.kernels.rotary import (interleave_rotary_rows, rotary_half_tables, rotary_inv_freq, rotary_turns_table,
                                      rotate_qk)
@@ -178,19 +179,7 @@ def expand_candidates(text: str) -> list[str]:
     return names
 
 
-def parse_configs(text: str) -> list[tuple[str, str, int]]:
-    """--configs "MODEL:PRECISION:TOKENS,..." -> [(model, precision, tokens)]; ValueError when an
-    item is not of that form, names an unknown model or precision, or tokens is not >= 1."""
-    out = []
-    for item in text.split(","):
-        parts = item.split(":")
-        ok = (len(parts) == 3 and parts[0] in ESM2_ARCHITECTURES and parts[1] in PRECISIONS
-              and parts[2].isdigit() and int(parts[2]) > 0)
-        if not ok:
-            raise ValueError(f"--configs item {item!r}: expected MODEL:PRECISION:TOKENS (MODEL one of "
-                             f"{tuple(ESM2_ARCHITECTURES)}, PRECISION one of {tuple(PRECISIONS)})")
-        out.append((parts[0], parts[1], int(parts[2])))
-    return out
+parse_configs = parse_model_configs  # --configs MODEL:PRECISION:TOKENS,...
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from esmflash.bench.perf import cuda_graph_of_calls, median, time_device
+from esmflash.bench.workloads import parse_model_configs
 from esmflash.kernels.norm import add_layer_norm_reference, add_layer_norm_triton, launch_config
 from esmflash.model import ESM2_ARCHITECTURES, PRECISIONS
 from esmflash.model.layers import COMPILE_OPTIONS
@@ -72,19 +73,7 @@ def launch_candidates(block: int, rows_list: list[int], warps_list: list[int]) -
             if rows * block <= MAX_BLOCK_ELEMENTS and warps * 32 * MIN_ELEMENTS_PER_THREAD <= rows * block]
 
 
-def parse_configs(text: str) -> list[tuple[str, str, int]]:
-    """--configs "MODEL:PRECISION:TOKENS,..." -> [(model, precision, tokens)]; ValueError when an
-    item is not of that form, names an unknown model or precision, or tokens is not >= 1."""
-    out = []
-    for item in text.split(","):
-        parts = item.split(":")
-        ok = (len(parts) == 3 and parts[0] in ESM2_ARCHITECTURES and parts[1] in PRECISIONS
-              and parts[2].isdigit() and int(parts[2]) > 0)
-        if not ok:
-            raise ValueError(f"--configs item {item!r}: expected MODEL:PRECISION:TOKENS (MODEL one of "
-                             f"{tuple(ESM2_ARCHITECTURES)}, PRECISION one of {tuple(PRECISIONS)})")
-        out.append((parts[0], parts[1], int(parts[2])))
-    return out
+parse_configs = parse_model_configs  # --configs MODEL:PRECISION:TOKENS,...
 
 
 def positive_ints(text: str, option: str) -> list[int]:

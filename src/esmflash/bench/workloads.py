@@ -78,3 +78,20 @@ def write_fasta(path: str | Path, records: Iterable[tuple[str, str]], width: int
             f.writelines(seq[i:i + width] + "\n" for i in range(0, len(seq), width))
             tokens += len(seq) + 2
     return tokens
+
+
+def parse_model_configs(text: str) -> list[tuple[str, str, int]]:
+    """A tool's --configs "MODEL:PRECISION:TOKENS,..." -> [(model, precision, tokens)]; ValueError
+    when an item is not of that form, names an unknown model or precision, or tokens is not >= 1."""
+    from ..model import ESM2_ARCHITECTURES, PRECISIONS
+
+    out = []
+    for item in text.split(","):
+        parts = item.split(":")
+        ok = (len(parts) == 3 and parts[0] in ESM2_ARCHITECTURES and parts[1] in PRECISIONS
+              and parts[2].isdigit() and int(parts[2]) > 0)
+        if not ok:
+            raise ValueError(f"--configs item {item!r}: expected MODEL:PRECISION:TOKENS (MODEL one of "
+                             f"{tuple(ESM2_ARCHITECTURES)}, PRECISION one of {tuple(PRECISIONS)})")
+        out.append((parts[0], parts[1], int(parts[2])))
+    return out

@@ -101,6 +101,15 @@ def write_error(path: str, error: BaseException) -> EsmflashError:
     return EsmflashError(f"cannot write {path}: {lines[0] if lines else type(chain[0]).__name__}")
 
 
+def sync_parent(path: str) -> None:
+    """fsync the directory holding `path` (a rename is durable once its directory is);
+    EsmflashError naming `path` on failure."""
+    try:
+        fsync_directory(os.path.dirname(path))
+    except OSError as e:
+        raise write_error(path, e) from e
+
+
 class AtomicFile:
     """A temporary file in the directory of `path`; commit() renames it onto `path`.
 
@@ -144,10 +153,7 @@ class AtomicFile:
             self.discard()
             raise write_error(self.path, e) from e
         self.committed = True
-        try:
-            fsync_directory(os.path.dirname(self.path))
-        except OSError as e:
-            raise write_error(self.path, e) from e
+        sync_parent(self.path)
 
     def discard(self) -> None:
         """Close and delete the temporary file (nothing after commit). Never raises."""
@@ -228,10 +234,7 @@ class AtomicDirectory:
             self.discard()
             raise (e if isinstance(e, EsmflashError) else write_error(self.path, e)) from None
         self.committed = True
-        try:
-            fsync_directory(os.path.dirname(self.path))
-        except OSError as e:
-            raise write_error(self.path, e) from e
+        sync_parent(self.path)
 
     def discard(self) -> None:
         """Delete the files open_file() created and the staging directory. Never raises."""

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import DuplicateIdError, EsmflashError
 from .fasta import FastaRecord
-from .packing import ShapePolicy, check_packing_options
+from .packing import ShapePolicy, check_packing_options, checked_record
 from .store import UnitResult
 from .stream import Claims, Reader, Stats, run_pipeline
 from .windows import PackOptions
@@ -62,14 +62,7 @@ def as_records(records: Iterable) -> list[FastaRecord]:
     the index and id of a malformed record, a bad id or sequence type, or a duplicate id."""
     out, seen = [], {}
     for index, record in enumerate(records):
-        if not isinstance(record, (tuple, list)) or len(record) != 2:
-            raise EsmflashError(f"record {index}: expected an (id, sequence) pair, got {type(record).__name__} "
-                                f"{str(record)[:40]!r}")
-        seq_id, sequence = record
-        if not isinstance(seq_id, str) or not seq_id or not seq_id.isprintable():
-            raise EsmflashError(f"record {index}: id must be a non-empty printable string, got {seq_id!r}")
-        if not isinstance(sequence, str):
-            raise EsmflashError(f"record {index} ({seq_id!r}): sequence must be a str, got {type(sequence).__name__}")
+        seq_id, sequence = checked_record(index, record)
         if seq_id in seen:
             raise DuplicateIdError(seq_id, seen[seq_id] + 1, index + 1)
         seen[seq_id] = index

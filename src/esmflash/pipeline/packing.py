@@ -111,7 +111,7 @@ def segments_of(index: int, seq_id: str, tokens: np.ndarray, max_tokens: int, lo
     return [(Segment(index, seq_id, 0, len(tokens)), tokens)]
 
 
-def _checked_record(index: int, record) -> tuple[str, str]:
+def checked_record(index: int, record) -> tuple[str, str]:
     """(id, sequence) of one library record, or an EsmflashError naming its index and id."""
     if not isinstance(record, (tuple, list)) or len(record) != 2:
         raise EsmflashError(f"record {index}: expected an (id, sequence) pair, got {type(record).__name__} "
@@ -131,7 +131,7 @@ def prepare_segments(records: Iterable, alphabet: Alphabet, max_tokens: int, lon
     seen: dict[str, int] = {}
     out: list[Item] = []
     for index, record in enumerate(records):
-        seq_id, sequence = _checked_record(index, record)
+        seq_id, sequence = checked_record(index, record)
         if seq_id in seen:
             raise DuplicateIdError(seq_id, seen[seq_id] + 1, index + 1)
         seen[seq_id] = index
