@@ -48,7 +48,9 @@ class RunReport:
     records: int = 0
     tokens: int = 0
     embedding_tokens_per_second: float = 0.0
-    seconds_to_first_batch: float = 0.0
+    seconds_to_imports: float = 0.0  # interpreter start-up and imports, to the command's start
+    seconds_to_model: float = 0.0  # ... and the model loaded (weights, engine resolved)
+    seconds_to_first_batch: float = 0.0  # ... and the first batch's outputs on the host (compilation included)
     seconds_total: float = 0.0
     assembly_seconds: float = 0.0
     resumed_units: int = 0
@@ -64,6 +66,8 @@ class RunReport:
         stats, now = result.stats, time.time()
         self.records, self.tokens = stats.records, stats.tokens
         self.embedding_tokens_per_second = stats.embedding_rate()
+        self.seconds_to_imports = self.job_start - self.process_start
+        self.seconds_to_model = result.model_loaded - self.process_start if result.model_loaded else 0.0
         if stats.first_batch_done is not None:
             self.seconds_to_first_batch = stats.first_batch_done - self.process_start
             self.assembly_seconds = now - stats.last_batch_done

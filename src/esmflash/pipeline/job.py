@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -77,6 +78,7 @@ class JobResult:
     resumed_units: int
     model: dict = field(default_factory=dict)
     rank_peak_rss: list[int] = field(default_factory=list)  # bytes, each rank's peak by the end of embedding
+    model_loaded: float = 0.0  # epoch seconds when this rank's model was loaded and configured
 
 
 def weights_identity(spec: JobSpec) -> str:
@@ -211,6 +213,7 @@ def run_job(spec: JobSpec, ranks: Ranks, progress: Callable[[int], None] | None 
         reader.start()  # reading and packing overlap loading the model
         try:
             model, layers = ranks.agree(lambda: _load(spec, engine, ranks.device))
+            loaded = time.time()
         except BaseException:
             reader.stop.set()
             reader.join(timeout=5)  # not left running inside torch while the process exits
@@ -218,7 +221,7 @@ def run_job(spec: JobSpec, ranks: Ranks, progress: Callable[[int], None] | None 
         stats = run_pipeline(reader, model, layers, spec.bos, spec.per_token, store.write_unit, progress)
         parts = ranks.gather((stats, peak_rss_bytes()))  # also the barrier before assembling
         result = JobResult(Stats.combined([s for s, _ in parts]), None, len(done), model_info(model),
-                           [rss for _, rss in parts])
+                           [rss for _, rss in parts], loaded)
         if ranks.rank == 0:
             _check_nothing_beyond(done, claims.seen, store.work_dir)
             store.check_complete(claims.seen)
