@@ -909,3 +909,33 @@ def test_a_record_over_the_micro_batch_cap_names_that_option(tmp_path):
     path.write_text(">long\n" + AMINO * 2 + "MKTA\n")  # 44 residues, 46 tokens
     rc, err = cli(path, "-o", tmp_path / "o.h5", *BASE, "--max-tokens", "64", "--micro-batch-tokens", "32")
     one_error(rc, err, "'long'", "--micro-batch-tokens is 32")
+
+
+def test_interrupt_while_opening_the_store_leaves_no_manifest(tmp_path, monkeypatch):
+    """Ctrl-C after the store wrote its manifest but before the job got its lock back: the
+    manifest goes (nothing finished to keep) and the lock is released; a directory holding unit
+    files is left as it is, whatever job wrote them."""
+    from esmflash.pipeline import job as job_module
+    from esmflash.pipeline.paths import OutputLock
+
+    spec = JobSpec(source="in.fasta", out=str(tmp_path / "out.h5"), fmt="h5", model=MODEL, precision="fp32",
+                   device=torch.device("cpu"), engine=EngineConfig(), random_weights=True)
+    engine = EngineConfig().resolve("cpu", torch.float32)
+    opened = WorkStore.open
+
+    def open_then_interrupt(self, restart=False):
+        opened(self, restart)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(WorkStore, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        job_module._open_store(spec, engine, 0)
+    assert not os.path.exists(tmp_path / "out.h5.parts")
+    OutputLock(str(tmp_path / "out.h5.parts")).release()  # the lock is free again
+    (tmp_path / "out.h5.parts").mkdir()
+    for name in ("manifest.json", "unit-000000.h5"):  # another job's work, never opened here
+        (tmp_path / "out.h5.parts" / name).write_bytes(b"x")
+    monkeypatch.setattr(WorkStore, "open", lambda self, restart=False: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        job_module._open_store(spec, engine, 0)
+    assert sorted(os.listdir(tmp_path / "out.h5.parts")) == ["manifest.json", "unit-000000.h5"]

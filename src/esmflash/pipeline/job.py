@@ -173,10 +173,13 @@ def _open_store(spec: JobSpec, engine: EngineConfig, rank: int) -> tuple[OutputL
     if rank != 0:
         return None, {}
     lock = OutputLock(work_dir_for(spec.out))
+    store = WorkStore(lock.work_dir, manifest(spec, engine))
     try:
-        store = WorkStore(lock.work_dir, manifest(spec, engine))
         return lock, store.open(spec.restart)
-    except BaseException:
+    except BaseException:  # also Ctrl-C between writing the manifest and returning
+        if not store.has_unit_files():  # nothing finished to keep (never verify: units may be another job's)
+            with contextlib.suppress(OSError):
+                store.remove_own_files()
         lock.release()
         raise
 

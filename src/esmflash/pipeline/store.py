@@ -311,7 +311,7 @@ class WorkStore:
         if restart:
             self._clear()
         old = read_manifest(self.manifest_path, self.work_dir)
-        if old is not None and old != self.manifest and not any(UNIT_NAME.fullmatch(n) for n in os.listdir(self.work_dir)):
+        if old is not None and old != self.manifest and not self.has_unit_files():
             old = None  # another job's manifest with no finished unit: nothing to keep
         if old is None:
             write_bytes_atomic(self.manifest_path, (json.dumps(self.manifest, indent=1) + "\n").encode())
@@ -436,6 +436,10 @@ class WorkStore:
         if number not in self._infos:
             raise EsmflashError(f"{self.unit_path(number)}: work unit {number} is not finished")
         return self._infos[number]
+
+    def has_unit_files(self) -> bool:
+        """Whether the directory holds any unit file by name (not opened, not verified)."""
+        return os.path.isdir(self.work_dir) and any(UNIT_NAME.fullmatch(n) for n in os.listdir(self.work_dir))
 
     def finished(self) -> list[UnitInfo]:
         """Every finished unit in the directory (also those other processes wrote), in unit order.
