@@ -158,7 +158,7 @@ def _diagnose_main(tokens: int) -> None:
         row.update(captures=graphs.captures, replays=graphs.replays, graph_failure=graphs.failure,
                    alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0))
         print(json.dumps(row), flush=True)
-        del model, plain, padded
+        model = plain = padded = None  # free the GPU memory before the next model
         torch.cuda.empty_cache()
 
 

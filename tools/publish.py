@@ -152,18 +152,28 @@ def newest_measured_summaries(html_dir: Path) -> int:
 # --- 3. default selections and axis labels of the graph pages ------------------------------------
 
 
-def machine_graphs(html_dir: Path, index: dict, benchmark: str) -> dict[str, list]:
-    """{machine: asv graph data} of a benchmark, for every machine whose graph has a point."""
+def machine_graphs(html_dir: Path, index: dict, benchmark: str) -> dict[str, tuple[dict, list]]:
+    """{machine: (graph parameters, asv graph data)} of a benchmark, for every machine whose graph
+    has a measured point. A machine recorded under several parameter sets (its OS or RAM changed
+    between runs) gets the set with the newest measured point."""
     from asv.graph import Graph
 
-    out: dict[str, list] = {}
+    out: dict[str, tuple[dict, list]] = {}
     for params in index["graph_param_list"]:
         path = html_dir / (Graph.get_file_path(params, benchmark) + ".json")
-        if path.is_file() and params["machine"] not in out:
-            data = json.loads(path.read_text())
-            if data:
-                out[params["machine"]] = data
+        data = json.loads(path.read_text()) if path.is_file() else []
+        newest = max((rev for rev, values in data if _has_value(values)), default=None)
+        if newest is None:
+            continue
+        machine = params["machine"]
+        if machine not in out or newest > max(rev for rev, values in out[machine][1] if _has_value(values)):
+            out[machine] = (params, data)
     return out
+
+
+def _has_value(values) -> bool:
+    items = values if isinstance(values, list) else [values]
+    return any(isinstance(v, (int, float)) and math.isfinite(v) for v in items)
 
 
 def newest_combinations(graph: list, params: list[list[str]]) -> set[tuple[int, ...]]:
@@ -209,6 +219,7 @@ def default_query(index: dict, benchmark: str, graphs: dict[str, list]) -> str |
     pairs = []
     if set(graphs) != set(index["params"]["machine"]):
         pairs += [("machine", machine) for machine in sorted(graphs)]
+    graphs = {m: data for m, (_, data) in graphs.items()}
     if info["params"]:
         per_machine = {m: newest_combinations(g, info["params"]) for m, g in graphs.items()}
         choice = choose_selection(per_machine, len(info["params"]))
@@ -216,6 +227,28 @@ def default_query(index: dict, benchmark: str, graphs: dict[str, list]) -> str |
                   for i in picked]
     quote = lambda text: urllib.parse.quote(text, safe="")
     return "&".join(f"{quote(k)}={quote(v)}" for k, v in pairs) or None
+
+
+def fill_missing_graphs(html_dir: Path) -> int:
+    """Writes a series of one point with no values for each (graph parameter set, benchmark) asv
+    lists but wrote no graph for, or an empty one: a machine recorded under several parameter sets
+    (its OS or RAM changed between runs) has benchmarks in one set only, and asv's page fetches
+    every set of a selected machine (a 404 each), and an empty series (a set whose runs were all
+    n/a) breaks its "x-axis = parameter" view, which reads the last point. Returns the number written."""
+    from asv.graph import Graph
+
+    index = json.loads((html_dir / "index.json").read_text())
+    newest = max(int(rev) for rev in index["revision_to_hash"])
+    written = 0
+    for params in index["graph_param_list"]:
+        for benchmark, info in index["benchmarks"].items():
+            path = html_dir / (Graph.get_file_path(params, benchmark) + ".json")
+            if not path.is_file() or path.read_text().strip() == "[]":
+                combos = math.prod(len(axis) for axis in info["params"]) if info["params"] else 0
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps([[newest, [None] * combos if combos else None]]))
+                written += 1
+    return written
 
 
 def fill_missing_summaries(html_dir: Path) -> int:
@@ -402,6 +435,7 @@ def publish(results_dir: Path, html_dir: Path, base_config: Path, all_machines: 
             raise RuntimeError(f"asv's regressions still list higher-is-better series: {wrong[:3]}")
         rows = newest_measured_summaries(html_dir)
         fill_missing_summaries(html_dir)
+        fill_missing_graphs(html_dir)
         write_site_files(html_dir, default_selections(html_dir))
         machines = headline.write_headline(staged, html_dir / "headline.html")
         commits = write_commit_pages(html_dir, machines)

@@ -34,7 +34,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import Iterator, Sequence
 
 import torch

@@ -15,7 +15,7 @@ from ..errors import DuplicateIdError, EsmflashError
 from .fasta import FastaRecord
 from .packing import ShapePolicy, check_packing_options, checked_record
 from .store import UnitResult
-from .stream import Claims, Reader, Stats, run_pipeline
+from .stream import Claims, Reader, run_pipeline
 from .windows import PackOptions
 
 WINDOW_BATCHES = 16  # batches' worth of tokens per window (packing sorts within a window)

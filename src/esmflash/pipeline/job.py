@@ -33,7 +33,7 @@ from ..runstats import peak_rss_bytes
 from .distributed import Ranks
 from .embed import WINDOW_BATCHES, model_info, resolve_layers, shape_policy
 from .fasta import FastaRecord, digest_records, open_fasta
-from .formats import PtLabels, Summary, assemble, format_for
+from .formats import PtLabels, Summary, assemble
 from .packing import check_packing_options
 from .paths import OutputLock, check_output_path, work_dir_for
 from .store import UnitInfo, WorkStore

@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterable, Iterator
 
-import numpy as np
 import torch
 from esm.data import Alphabet
 
