@@ -189,7 +189,8 @@ def test_tune_attention_needs_cuda(monkeypatch, capsys):
 # ------------------------------------------------------------------ smoke: the tools as programs
 
 
-@pytest.mark.parametrize("tool,option", [("mfu_probe", "--fa4-tiles"), ("tune_attention", "--tiles")])
+@pytest.mark.parametrize("tool,option", [("mfu_probe", "--fa4-tiles"), ("tune_attention", "--tiles"),
+                                         ("tune_epilogue", "--candidates"), ("tune_norm", "--warps")])
 def test_tool_help_runs_from_the_installed_package(tool, option):
     run = subprocess.run([sys.executable, f"tools/{tool}.py", "--help"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import EngineConfig
-from .errors import EsmflashError, NumericalError
+from .errors import EsmflashError, NumericalError, one_line
 from .kernels import ATTENTION, GEMM, NORM
 from .model import PRECISIONS
 from .model.loading import default_precision
@@ -154,7 +154,7 @@ def _terminate_as_interrupt(signum, frame) -> None:
 
 def _error(message: str, rank: int | None) -> None:
     prefix = f"rank {rank}: " if rank else ""
-    print(f"esmflash: error: {prefix}{' '.join(str(message).split())}", file=sys.stderr)
+    print(f"esmflash: error: {prefix}{one_line(message)}", file=sys.stderr)
 
 
 def _another_rank_failed(ranks: Ranks) -> bool:
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _error(str(e), None)
             return e.status
         except (EsmflashError, OSError, NumericalError) as e:
-            if ranks is None or ranks.first_failure(" ".join(str(e).split())):
+            if ranks is None or ranks.first_failure(one_line(e)):
                 _error(e, rank)
             return 1 if isinstance(e, NumericalError) else 2
         finally:

@@ -4,6 +4,13 @@
 from __future__ import annotations
 
 
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """An error's message on one line (whitespace runs collapsed; its type's name when empty),
+    cut to `limit` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
 class EsmflashError(ValueError):
     """Base class of every error esmflash raises on bad input or bad configuration."""
 

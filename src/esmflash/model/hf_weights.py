@@ -44,7 +44,7 @@ from typing import Mapping
 
 import torch
 
-from esmflash.errors import EsmflashError
+from esmflash.errors import EsmflashError, one_line
 
 VOCAB_SIZE = 33  # fair-esm's ESM-1b/ESM-2 alphabet
 PAD_IDX, MASK_IDX = 1, 32
@@ -381,7 +381,7 @@ def _read_config(folder: Path) -> dict:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise HFCheckpointError(f"{path}: unreadable JSON ({_one_line(e)})") from None
+        raise HFCheckpointError(f"{path}: unreadable JSON ({one_line(e, 200)})") from None
     if not isinstance(cfg, dict):
         raise HFCheckpointError(f"{path}: not a JSON object")
     return cfg
@@ -430,11 +430,6 @@ def _architecture(cfg: dict, path: Path, name: str) -> HFArchitecture:
     return HFArchitecture(layers, dim, heads, token_dropout, name)
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         from safetensors.torch import load_file
@@ -445,7 +440,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise HFCheckpointError(f"{path}: truncated or corrupt safetensors file ({_one_line(e)}); "
+        raise HFCheckpointError(f"{path}: truncated or corrupt safetensors file ({one_line(e, 200)}); "
                                 "an interrupted download? delete it and download again") from None
 
 
@@ -455,7 +450,7 @@ def _load_torch_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # zip / pickle errors of every kind for truncated or foreign files
-        raise HFCheckpointError(f"{path}: truncated or corrupt PyTorch file ({_one_line(e)})") from None
+        raise HFCheckpointError(f"{path}: truncated or corrupt PyTorch file ({one_line(e, 200)})") from None
     if not isinstance(state, dict):
         raise HFCheckpointError(f"{path}: not a state dict ({type(state).__name__})")
     return state
@@ -466,7 +461,7 @@ def _load_sharded(index: Path, loader) -> dict[str, torch.Tensor]:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         files = sorted(set(weight_map.values()))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise HFCheckpointError(f"{index}: unreadable shard index ({_one_line(e)})") from None
+        raise HFCheckpointError(f"{index}: unreadable shard index ({one_line(e, 200)})") from None
     state: dict[str, torch.Tensor] = {}
     for name in files:
         shard = index.parent / name

@@ -22,7 +22,7 @@ import esm
 import torch
 
 from ..config import EngineConfig
-from ..errors import CheckpointError, EsmflashError, WeightsNotFoundError
+from ..errors import CheckpointError, EsmflashError, WeightsNotFoundError, one_line
 from . import hf_weights
 from .args import ESM2_ARCHITECTURES, ModelArgs, released_name
 from .packed import PackedESM2
@@ -106,8 +106,7 @@ def _torch_load(path: Path):
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, AttributeError) as e:
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise CheckpointError(f"{path}: not a readable fair-esm checkpoint (truncated or corrupt? {reason})") from e
+        raise CheckpointError(f"{path}: not a readable fair-esm checkpoint (truncated or corrupt? {one_line(e, 200)})") from e
 
 
 def _tensors(state, path: Path) -> dict:

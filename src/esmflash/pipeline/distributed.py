@@ -23,7 +23,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..errors import EsmflashError
+from ..errors import EsmflashError, one_line
 
 T = TypeVar("T")
 TIMEOUT = timedelta(hours=2)  # a barrier waits this long for the slowest rank's last window
@@ -163,7 +163,7 @@ class Ranks:
         try:
             result, failure = fn(), None
         except Exception as e:  # noqa: BLE001 - handed to every rank
-            result, failure = None, (isinstance(e, (EsmflashError, OSError)), " ".join(str(e).split()))
+            result, failure = None, (isinstance(e, (EsmflashError, OSError)), one_line(e))
         failed = [(r, f) for r, f in enumerate(self.gather(failure)) if f is not None]
         if not failed:
             return result

@@ -27,7 +27,7 @@ from esm.data import Alphabet
 from .. import __version__
 from ..config import EngineConfig
 from ..errors import EsmflashError
-from ..model import PRECISIONS, find_checkpoint, load_esm2_model
+from ..model import PRECISIONS, ModelArgs, find_checkpoint, load_esm2_model
 from ..model.args import released_name
 from ..runstats import peak_rss_bytes
 from .distributed import Ranks
@@ -108,8 +108,6 @@ def _layers_key(spec: JobSpec) -> list[int] | str:
     from the name (so -1 and 6 are one job for a 6-layer model), else as given, sorted."""
     short = released_name(spec.model)
     if short is not None:
-        from ..model import ModelArgs
-
         return list(resolve_layers(spec.repr_layers, ModelArgs.from_name(short).num_layers, "--repr-layers"))
     return sorted(set(spec.repr_layers)) if spec.repr_layers else "last"
 
@@ -123,8 +121,6 @@ def check_spec(spec: JobSpec) -> EngineConfig:
     except ValueError as e:  # e.g. CUDA graphs off CUDA: a bad option, not a crash
         raise EsmflashError(str(e)) from None
     if released_name(spec.model):
-        from ..model import ModelArgs
-
         resolve_layers(spec.repr_layers, ModelArgs.from_name(spec.model).num_layers, "--repr-layers")
     return engine
 

@@ -121,6 +121,9 @@ class _Stage(threading.Thread):
         finally:
             self.finish()
 
+    def finish(self) -> None:
+        """Runs when work() ends, error or not."""
+
     def put(self, q: queue.Queue, item) -> bool:
         """Put unless stopped; False when the pipeline stopped."""
         while not self.stop.is_set():
@@ -149,7 +152,8 @@ class Reader(_Stage):
                     return
 
     def finish(self) -> None:
-        self.put(self.out, _END) if not self.stop.is_set() else None
+        if not self.stop.is_set():
+            self.put(self.out, _END)
 
     def packed(self) -> Iterator[PackedWindow]:
         while True:
@@ -210,8 +214,6 @@ class Writer(_Stage):
         if self.progress is not None:
             self.progress(tokens)
 
-    def finish(self) -> None:
-        pass
 
 
 class DeviceStage:
