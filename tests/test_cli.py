@@ -911,16 +911,29 @@ def test_a_record_over_the_micro_batch_cap_names_that_option(tmp_path):
     one_error(rc, err, "'long'", "--micro-batch-tokens is 32")
 
 
-def test_interrupt_while_opening_the_store_leaves_no_manifest(tmp_path, monkeypatch):
-    """Ctrl-C after the store wrote its manifest but before the job got its lock back: the
-    manifest goes (nothing finished to keep) and the lock is released; a directory holding unit
-    files is left as it is, whatever job wrote them."""
-    from esmflash.pipeline import job as job_module
-    from esmflash.pipeline.paths import OutputLock
+def _held_output(tmp_path):
+    from esmflash.pipeline.job import HeldOutput
 
     spec = JobSpec(source="in.fasta", out=str(tmp_path / "out.h5"), fmt="h5", model=MODEL, precision="fp32",
                    device=torch.device("cpu"), engine=EngineConfig(), random_weights=True)
     engine = EngineConfig().resolve("cpu", torch.float32)
+    return HeldOutput(WorkStore(str(tmp_path / "out.h5.parts"), manifest(spec, engine)))
+
+
+def _open_interrupted(held) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            held.open(False)
+        except BaseException:
+            held.release(failed=True)
+            raise
+
+
+def test_interrupt_while_opening_the_store_leaves_no_manifest(tmp_path, monkeypatch):
+    """Ctrl-C after the store wrote its manifest: the manifest goes (nothing finished to keep) and
+    the lock is released; a directory holding unit files is left as it is, whatever job wrote them."""
+    from esmflash.pipeline.paths import OutputLock
+
     opened = WorkStore.open
 
     def open_then_interrupt(self, restart=False):
@@ -928,14 +941,53 @@ def test_interrupt_while_opening_the_store_leaves_no_manifest(tmp_path, monkeypa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(WorkStore, "open", open_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        job_module._open_store(spec, engine, 0)
+    _open_interrupted(_held_output(tmp_path))
     assert not os.path.exists(tmp_path / "out.h5.parts")
     OutputLock(str(tmp_path / "out.h5.parts")).release()  # the lock is free again
     (tmp_path / "out.h5.parts").mkdir()
     for name in ("manifest.json", "unit-000000.h5"):  # another job's work, never opened here
         (tmp_path / "out.h5.parts" / name).write_bytes(b"x")
     monkeypatch.setattr(WorkStore, "open", lambda self, restart=False: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        job_module._open_store(spec, engine, 0)
+    _open_interrupted(_held_output(tmp_path))
     assert sorted(os.listdir(tmp_path / "out.h5.parts")) == ["manifest.json", "unit-000000.h5"]
+
+
+def test_ctrl_c_while_the_lock_is_taken_waits_for_it_to_be_held(tmp_path, monkeypatch):
+    """SIGINT arriving inside OutputLock() is raised once the lock is recorded, so the job gives it
+    back and removes the directory it made."""
+    from esmflash.pipeline import paths
+
+    taken = paths.OutputLock._try_lock
+
+    def take_then_signal(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return taken(self)
+
+    monkeypatch.setattr(paths.OutputLock, "_try_lock", take_then_signal)
+    held = _held_output(tmp_path)
+    _open_interrupted(held)
+    assert held.lock is not None and held.lock.fd is None  # taken, then given back
+    assert not os.path.exists(tmp_path / "out.h5.parts")
+
+
+def test_ctrl_c_between_opening_the_store_and_the_first_window_leaves_nothing(job_input, tmp_path, monkeypatch,
+                                                                             capsys):
+    """The failure CI caught once (test_sigint_before_the_first_window_leaves_nothing): Ctrl-C after
+    the store was open but before the job held on to it left the manifest behind, and the
+    interrupt line said finished work was kept."""
+    from esmflash.pipeline import job as job_module
+    from esmflash.pipeline.distributed import Ranks
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Ranks, "from_rank0", interrupted)
+    out = tmp_path / "job.h5"
+    spec = JobSpec(source=str(job_input), out=str(out), fmt="h5", model=MODEL, precision="fp32",
+                   device=torch.device("cpu"), engine=EngineConfig(), random_weights=True)
+    with pytest.raises(KeyboardInterrupt):
+        job_module.run_job(spec, Ranks())
+    assert not os.path.exists(f"{out}.parts") and not temp_files(tmp_path)
+    assert main(["embed", str(job_input), "-o", str(out), *BASE]) == 130  # what the command line says then
+    assert capsys.readouterr().err.splitlines() == [
+        "esmflash: interrupted; no window was finished yet: rerun the same command to resume"]

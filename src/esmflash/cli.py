@@ -51,6 +51,7 @@ from .pipeline.formats import FORMATS, format_for
 from .pipeline.job import INCLUDES, JobSpec, run_job
 from .pipeline.packing import LONG_POLICIES
 from .pipeline.paths import check_output_path, work_dir_for
+from .pipeline.store import has_unit_files
 from .runstats import RunReport
 
 DEFAULT_MODEL = "esm2_t33_650M_UR50D"
@@ -165,7 +166,7 @@ def _another_rank_failed(ranks: Ranks) -> bool:
 
 
 def _interrupted(work_dir: str) -> None:
-    kept = f"finished work is kept in {work_dir}" if os.path.isdir(work_dir) else "no window was finished yet"
+    kept = f"finished work is kept in {work_dir}" if has_unit_files(work_dir) else "no window was finished yet"
     print(f"esmflash: interrupted; {kept}: rerun the same command to resume", file=sys.stderr)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -164,20 +165,53 @@ def _records(spec: JobSpec) -> Callable[[], contextlib.AbstractContextManager[It
     return checked
 
 
-def _open_store(spec: JobSpec, engine: EngineConfig, rank: int) -> tuple[OutputLock | None, dict[int, UnitInfo]]:
-    """Rank 0: lock OUT and open its work store -> (lock, finished units); other ranks: (None, {})."""
-    if rank != 0:
-        return None, {}
-    lock = OutputLock(work_dir_for(spec.out))
-    store = WorkStore(lock.work_dir, manifest(spec, engine))
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends (then raise KeyboardInterrupt): what the block
+    takes is known to the code that gives it back. Only in the main thread (where handlers run)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return lock, store.open(spec.restart)
-    except BaseException:  # also Ctrl-C between writing the manifest and returning
-        if not store.has_unit_files():  # nothing finished to keep (never verify: units may be another job's)
-            with contextlib.suppress(OSError):
-                store.remove_own_files()
-        lock.release()
-        raise
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            raise KeyboardInterrupt
+
+
+class HeldOutput:
+    """Rank 0's hold on OUT: its lock and its work store.
+
+        held = HeldOutput(store)
+        done = held.open(restart)    # lock OUT, write or check the manifest -> finished units
+        ...
+        held.release(failed=...)     # failed: first remove what this job wrote if no unit file is there
+
+    On failure the units are never opened (they may be another job's); without any, the manifest
+    goes too, so that a rerun with other options starts afresh instead of being refused."""
+
+    def __init__(self, store: WorkStore):
+        self.store = store
+        self.lock: OutputLock | None = None
+
+    def open(self, restart: bool) -> dict[int, UnitInfo]:
+        with _interrupts_deferred():  # a lock taken is a lock release() sees
+            self.lock = OutputLock(self.store.work_dir)
+        return self.store.open(restart)
+
+    def release(self, failed: bool) -> None:
+        if self.lock is None:
+            return
+        try:
+            if failed and not self.store.has_unit_files():
+                with contextlib.suppress(OSError):
+                    self.store.remove_own_files()
+        finally:
+            self.lock.release()
 
 
 def _load(spec: JobSpec, engine: EngineConfig, device: torch.device):
@@ -202,11 +236,11 @@ def _reader(spec: JobSpec, engine: EngineConfig, claims: Claims, device: torch.d
 def run_job(spec: JobSpec, ranks: Ranks, progress: Callable[[int], None] | None = None) -> JobResult:
     """Run one job (module docstring) on this rank."""
     engine = ranks.agree(lambda: check_spec(spec))
-    lock, done = ranks.agree(lambda: _open_store(spec, engine, ranks.rank))
-    store = None
+    store = WorkStore(work_dir_for(spec.out), manifest(spec, engine))
+    held = HeldOutput(store) if ranks.rank == 0 else None
+    failed = True
     try:
-        done = ranks.from_rank0(done)
-        store = WorkStore(work_dir_for(spec.out), manifest(spec, engine))
+        done = ranks.from_rank0(ranks.agree(lambda: held.open(spec.restart) if held else {}))
         claims = Claims(done, ranks.claim(), _check_window(done, store.work_dir))
         reader = _reader(spec, engine, claims, ranks.device)
         reader.start()  # reading and packing overlap loading the model
@@ -221,7 +255,7 @@ def run_job(spec: JobSpec, ranks: Ranks, progress: Callable[[int], None] | None 
         parts = ranks.gather((stats, peak_rss_bytes()))  # also the barrier before assembling
         result = JobResult(Stats.combined([s for s, _ in parts]), None, len(done), model_info(model),
                            [rss for _, rss in parts], loaded)
-        if ranks.rank == 0:
+        if held is not None:
             _check_nothing_beyond(done, claims.seen, store.work_dir)
             store.check_complete(claims.seen)
             meta = {**result.model, "esmflash_version": __version__, "repr_layers": list(layers),
@@ -229,19 +263,10 @@ def run_job(spec: JobSpec, ranks: Ranks, progress: Callable[[int], None] | None 
                     "input": spec.source, "processes": ranks.world_size}
             result.summary = assemble(store, spec.out, spec.fmt, meta)
             store.remove_own_files()
+        failed = False
         return result
-    except BaseException:
-        if lock is not None and store is not None:
-            _forget_if_empty(store)
-        raise
     finally:
-        if lock is not None:
-            lock.release()
+        if held is not None:
+            held.release(failed)
 
 
-def _forget_if_empty(store: WorkStore) -> None:
-    """After a failure before any unit was finished, remove the manifest: the next run, whatever
-    its options, then starts afresh instead of being refused as another job with nothing done."""
-    with contextlib.suppress(Exception):
-        if not store.finished():
-            store.remove_own_files()

@@ -279,6 +279,13 @@ def check_plan(infos: list[UnitInfo], expected_units: int, work_dir: str) -> Non
         start += info.count
 
 
+def has_unit_files(work_dir: str) -> bool:
+    """Whether work_dir holds any unit file by name (not opened, not verified)."""
+    with contextlib.suppress(OSError):
+        return any(UNIT_NAME.fullmatch(n) for n in os.listdir(work_dir))
+    return False
+
+
 class WorkStore:
     """The finished units of one job in its work directory (see the module docstring).
 
@@ -439,7 +446,7 @@ class WorkStore:
 
     def has_unit_files(self) -> bool:
         """Whether the directory holds any unit file by name (not opened, not verified)."""
-        return os.path.isdir(self.work_dir) and any(UNIT_NAME.fullmatch(n) for n in os.listdir(self.work_dir))
+        return has_unit_files(self.work_dir)
 
     def finished(self) -> list[UnitInfo]:
         """Every finished unit in the directory (also those other processes wrote), in unit order.
