@@ -11,12 +11,14 @@ fair-esm checkpoint file or a Hugging Face checkpoint folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import zipfile
 from argparse import Namespace
 from pathlib import Path
+from typing import Iterator
 
 import esm
 import torch
@@ -67,11 +69,31 @@ def find_checkpoint(name: str) -> Path | None:
     return hf_weights.find_hf_checkpoint(f"facebook/{short}")
 
 
-def _build(args: ModelArgs, device: torch.device) -> PackedESM2:
+def _build(args: ModelArgs, device: torch.device | str) -> PackedESM2:
+    """The architecture on `device`, initialised as fair-esm does."""
     alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
     with torch.device(device):
         return PackedESM2(num_layers=args.num_layers, embed_dim=args.embed_dim, attention_heads=args.attention_heads,
                           alphabet=alphabet, token_dropout=args.token_dropout)
+
+
+# torch.nn.init's functions that the modules of ESM-2 call as they are built.
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+                   "xavier_normal_", "kaiming_uniform_", "kaiming_normal_")
+
+
+@contextlib.contextmanager
+def _initialisation_skipped() -> Iterator[None]:
+    """Inside, torch.nn.init's functions leave tensors as they are (uninitialised memory): for a model
+    whose initialised weights a checkpoint then overwrites. Process-wide while it lasts."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in saved:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def _read_fair_esm(path: Path) -> tuple[ModelArgs, dict]:
@@ -104,7 +126,12 @@ def _torch_load(path: Path):
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
+        try:  # mapped, not read: each weight is read once, when it is copied to the device
+            return torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(str(path), map_location="cpu", weights_only=False)  # a legacy (pre-zip) file
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: not a readable fair-esm checkpoint (truncated or corrupt? {one_line(e, 200)})") from e
 
@@ -119,8 +146,9 @@ def _tensors(state, path: Path) -> dict:
     return state
 
 
-def _load_state(model: PackedESM2, state: dict, where: Path) -> None:
-    """Load `state` into `model`, refusing keys that do not fit and weights that are not finite."""
+def _check_fits(model: PackedESM2, state: dict, where: Path) -> None:
+    """CheckpointError unless `state` holds every weight of `model` (but OPTIONAL_KEYS and the
+    rotary frequencies) in its shape, and nothing else."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and k not in OPTIONAL_KEYS and not k.endswith("rot_emb.inv_freq")]
     unexpected = [k for k in state if k not in expected]
@@ -130,10 +158,35 @@ def _load_state(model: PackedESM2, state: dict, where: Path) -> None:
         parts = [f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}" for label, items in
                  (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
         raise CheckpointError(f"{where}: weights do not fit the architecture in its config ({'; '.join(parts)})")
-    for key, value in state.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{where}: weight {key} holds NaN or Inf")
+
+
+
+
+def _first_nonfinite(model: PackedESM2) -> str | None:
+    """The name of the first weight holding NaN or Inf, or None. A weight's sum is finite when all
+    its values are (NaN and Inf survive a sum); only a weight whose sum is not is looked at value by
+    value (a sum of finite values can overflow). One device sync when all are finite."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    sums_finite = torch.isfinite(torch.stack([v.sum(dtype=torch.float32) for _, v in named]))
+    if bool(sums_finite.all()):
+        return None
+    suspects = [named[i] for i in (~sums_finite).nonzero().flatten().tolist()]
+    return next((k for k, v in suspects if not bool(torch.isfinite(v).all())), None)
+
+
+def _filled(args: ModelArgs, state: dict, where: Path, device: torch.device) -> PackedESM2:
+    """The model on `device` holding `state`'s weights, refusing weights that do not fit and weights
+    that are not finite. Built without initialising what the checkpoint overwrites."""
+    with _initialisation_skipped():
+        model = _build(args, device)  # the rotary frequencies are computed, not drawn
+    _check_fits(model, state, where)
     model.load_state_dict(state, strict=False)
+    if any(k not in state for k in OPTIONAL_KEYS):  # unused for embeddings; initialised as fair-esm does
+        model.contact_head.regression.reset_parameters()
+    bad = _first_nonfinite(model)
+    if bad is not None:
+        raise CheckpointError(f"{where}: weight {bad} holds NaN or Inf")
+    return model
 
 
 def _from_checkpoint(path: Path, device: torch.device) -> PackedESM2:
@@ -142,8 +195,7 @@ def _from_checkpoint(path: Path, device: torch.device) -> PackedESM2:
         args, source = ModelArgs(arch.num_layers, arch.embed_dim, arch.attention_heads, arch.token_dropout), "hf"
     else:
         (args, state), source = _read_fair_esm(path), "checkpoint"
-    model = _build(args, device)
-    _load_state(model, state, path)
+    model = _filled(args, state, path, device)
     model.weights_source = f"{source}:{path}"
     return model
 
