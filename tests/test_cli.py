@@ -892,6 +892,22 @@ def test_bad_stats_json_path_is_refused_before_any_work(tmp_path, fasta):
     assert stats["records"] == len(SMALL) and stats["peak_rss_bytes"] > 0
 
 
+def test_stats_times_count_from_the_process_start(tmp_path, fasta):
+    """--stats-json's seconds are since the process started, to a clock tick: the start was taken as
+    /proc/stat's whole-second boot time plus the start ticks, which put it up to 1 s early (0.59 s
+    on the CI machine), so every "seconds to ..." read up to a second long."""
+    stats_path = tmp_path / "stats.json"
+    spawned = time.time()
+    proc = subprocess.run(command(fasta, "-o", tmp_path / "out.h5", *BASE, "--stats-json", stats_path),
+                          env=child_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    ended = time.time()
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(stats_path.read_text())
+    assert spawned - 0.05 <= stats["process_start"] <= stats["job_start"] <= ended
+    assert stats["seconds_total"] <= ended - spawned + 0.05
+    assert 0 < stats["seconds_to_imports"] <= stats["seconds_to_model"] <= stats["seconds_to_first_batch"]
+
+
 def test_usage_errors_are_one_line(tmp_path, fasta):
     one_error(*cli(fasta, *BASE), "the following arguments are required: -o/--output")
     one_error(*cli(fasta, "-o", tmp_path / "out.txt", *BASE), "cannot tell the format from its name")

@@ -17,14 +17,15 @@ IMPORTED_AT = time.time()
 
 
 def process_start_time() -> float:
-    """The epoch time this process started (Linux: /proc/self/stat), else when this module loaded."""
+    """The epoch time this process started, to a clock tick (Linux: its start in ticks since boot
+    from /proc/self/stat, against the boot clock now; the boot time /proc/stat gives is whole
+    seconds, up to 1 s off), else when this module loaded."""
     try:
         with open("/proc/self/stat") as f:
             start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
         return IMPORTED_AT
 
 
