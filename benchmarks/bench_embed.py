@@ -21,10 +21,11 @@ setup_cache.timeout = 3600
 
 
 class EmbedFasta(CachedRow):
-    """`esmflash embed FASTA -o OUT.h5 --random-weights` (the engine's defaults) in a fresh
-    process on config.EMBED_TOKENS tokens of mixed lengths (log-normal, median 300 aa, 30..1022),
-    against `python3 esmflash/bench/hf_embed.py` (EsmModel SDPA, same precision, length-sorted
-    padded batches of the same --max-tokens) on the same FASTA; GPU: fp16 (config.EMBED_MEASURED)."""
+    """`esmflash embed FASTA -o OUT.h5 --model M` (the engine's defaults, weights from a fair-esm
+    file) in a fresh process on config.EMBED_TOKENS tokens of mixed lengths (log-normal, median
+    300 aa, 30..1022), against `python3 esmflash/bench/hf_embed.py --checkpoint` (EsmModel SDPA from
+    an HF folder of the same weights, same precision, length-sorted padded batches of the same
+    --max-tokens) on the same FASTA; GPU: fp16 (config.EMBED_MEASURED)."""
 
     params = GRID
     param_names = ["model", "precision"]
@@ -35,7 +36,7 @@ class EmbedFasta(CachedRow):
     def track_tokens_per_second(self, cache, model, precision):
         return self.row["embedding_tokens_per_second"]
 
-    @about("embed job: seconds from process start to the first batch done (imports, model, compile)", "s")
+    @about("embed job: seconds from process start to the first batch done (imports, loading the checkpoint, compile)", "s")
     @skip_for_params(MEASURED)
     def track_seconds_to_first_batch(self, cache, model, precision):
         return self.row["seconds_to_first_batch"]

@@ -2,30 +2,38 @@
 config.EMBED_MEASURED, on one generated mixed FASTA (esmflash.bench.workloads.mixed_records,
 config.EMBED_TOKENS tokens) in a temporary directory:
 
-  1. `python3 -m esmflash embed FASTA -o OUT.h5 --model M --random-weights --precision P
-     --max-tokens N --device D --no-progress --stats-json S` in a fresh process (the engine's
-     defaults; every batch shape is new to it), timed by the wall clock around the process;
-  2. the plain HF transformers script (esmflash.bench.hf_embed, run by path so that esmflash's
-     own import stays out of its clock) on the same FASTA, same precision and --max-tokens,
-     timed the same way;
+  0. once per model (untimed): its seeded random weights written as a fair-esm file and as an HF
+     folder (esmflash.bench.checkpoints, fp32 as the released files), so that each job loads its
+     weights from disk as a user's does (just written: warm page cache);
+  1. `python3 -m esmflash embed FASTA -o OUT.h5 --model M --precision P --max-tokens N --device D
+     --no-progress --stats-json S` with ESMFLASH_WEIGHTS naming the fair-esm file's folder, in a
+     fresh process (the engine's defaults; every batch shape is new to it), timed by the wall
+     clock around the process;
+  2. the plain HF transformers script (esmflash.bench.hf_embed --checkpoint, run by path so that
+     esmflash's own import stays out of its clock) on the same FASTA, weights, precision and
+     --max-tokens, timed the same way;
   3. here, after both: the repeated-batch forward tokens/s of the same model, precision and engine
      (one fixed "mixed" batch of N tokens replayed, as ForwardPacked times it), and the checks:
-     the CLI's mean embeddings of a few sequences against this process's packed pass (same seeded
-     weights; cosine >= COSINE_MIN), the HF script's output shape and finiteness (its random
-     weights are its own), and that both processes ran the same engine.
+     the CLI's mean embeddings of a few sequences against this process's packed pass of the same
+     file (cosine >= COSINE_MIN), the HF script's means of every sequence against the CLI's (same
+     weights; cosine >= COSINE_MIN), and that both esmflash processes ran the same engine.
 
 Row of (model, precision): the CLI's stats (embedding_tokens_per_second, seconds_to_first_batch,
 peak_rss_bytes, ...), cli_wall_seconds, hf_wall_seconds, fasta_tokens, forward_tokens_per_second,
-engine, the checks' figures and each subprocess's stderr tail; {"error": ...} if any step failed.
+checkpoint_write_seconds, engine, the checks' figures and each subprocess's stderr tail;
+{"error": ...} if any step failed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import base, config, helpers, measure
@@ -35,12 +43,13 @@ CHECKED_SEQUENCES = 8
 COSINE_MIN = {"fp32": 0.9999, "fp16": 0.99, "bf16": 0.99}
 
 
-def run_timed(cmd: list[str], what: str, cwd: Path) -> tuple[float, str]:
+def run_timed(cmd: list[str], what: str, cwd: Path, env: dict | None = None) -> tuple[float, str]:
     """(wall seconds of the whole process, its stderr tail); RuntimeError naming the command and
-    its stderr tail when it fails or runs past SUBPROCESS_TIMEOUT_S."""
+    its stderr tail when it fails or runs past SUBPROCESS_TIMEOUT_S. env: added to this process's."""
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired as e:
         tail = (e.stderr or b"")[-2000:]
         raise RuntimeError(f"{what} ran past {SUBPROCESS_TIMEOUT_S} s: {' '.join(cmd)}; stderr: {tail!r}") from None
@@ -51,45 +60,60 @@ def run_timed(cmd: list[str], what: str, cwd: Path) -> tuple[float, str]:
     return seconds, tail
 
 
-def commands(model: str, precision: str, fasta: Path, work: Path) -> tuple[list[str], list[str]]:
+def commands(model: str, precision: str, fasta: Path, work: Path, hf_folder: Path) -> tuple[list[str], list[str]]:
     from esmflash.bench import hf_embed
 
     device = "cuda" if config.TIER == "gpu" else "cpu"
     max_tokens = str(config.EMBED_MAX_TOKENS[config.TIER])
     cli = [sys.executable, "-m", "esmflash", "embed", str(fasta), "-o", str(work / "out.h5"), "--model", model,
-           "--random-weights", "--precision", precision, "--max-tokens", max_tokens, "--device", device,
+           "--precision", precision, "--max-tokens", max_tokens, "--device", device,
            "--no-progress", "--stats-json", str(work / "stats.json")]
     hf = [sys.executable, "-P", hf_embed.__file__, str(fasta), str(work / "hf.npz"), "--model", model,
-          "--precision", precision, "--max-tokens", max_tokens, "--device", device]
+          "--precision", precision, "--max-tokens", max_tokens, "--device", device, "--checkpoint", str(hf_folder)]
     return cli, hf
 
 
-def check_hf_output(path: Path, records: list, dim: int) -> dict:
+def read_cli_means(path: Path, records: list, layer: int, dim: int):
+    """(ids, means [N, dim]) of the CLI's .h5; RuntimeError unless they are the records', finite, in order."""
+    import h5py
     import numpy as np
+
+    with h5py.File(path, "r") as f:
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in f["ids"][:]]
+        means = f[f"mean_{layer}"][:]
+    if ids != [rid for rid, _ in records] or means.shape != (len(records), dim) or not np.isfinite(means).all():
+        raise RuntimeError(f"CLI output {path}: {len(ids)} ids, mean_{layer} {means.shape}; expected "
+                           f"{len(records)} x {dim}, finite, in input order")
+    return ids, means
+
+
+def check_hf_output(path: Path, records: list, cli_means, precision: str) -> dict:
+    """The HF script's means: every record's, in input order, each within COSINE_MIN of the CLI's."""
+    import numpy as np
+    import torch
 
     with np.load(path) as data:
         ids, mean = list(data["ids"]), data["mean"]
-    if ids != [rid for rid, _ in records] or mean.shape != (len(records), dim) or not np.isfinite(mean).all():
+    if ids != [rid for rid, _ in records] or mean.shape != cli_means.shape or not np.isfinite(mean).all():
         raise RuntimeError(f"HF script output {path}: {len(ids)} ids, mean {mean.shape} "
-                           f"(finite: {bool(np.isfinite(mean).all())}); expected {len(records)} x {dim} in input order")
-    return {"hf_output_shape": list(mean.shape)}
+                           f"(finite: {bool(np.isfinite(mean).all())}); expected {cli_means.shape} in input order")
+    cosines = torch.nn.functional.cosine_similarity(torch.from_numpy(mean).double(),
+                                                    torch.from_numpy(cli_means).double(), dim=1)
+    worst = float(cosines.min())
+    if worst < COSINE_MIN[precision]:
+        raise RuntimeError(f"the HF script's means disagree with the CLI's (same weights): min cosine {worst:.6f} "
+                           f"over {len(ids)} sequences (needs >= {COSINE_MIN[precision]})")
+    return {"hf_output_shape": list(mean.shape), "min_cosine_hf_vs_cli": worst}
 
 
 def check_cli_output(path: Path, records: list, model) -> dict:
     """The CLI's means of CHECKED_SEQUENCES records spread over the input against this process's
     packed pass of the same model (cosine per sequence >= COSINE_MIN)."""
-    import h5py
-    import numpy as np
     import torch
     from esmflash import pack_sequences, segment_mean
 
     layer = model.num_layers
-    with h5py.File(path, "r") as f:
-        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in f["ids"][:]]
-        means = f[f"mean_{layer}"][:]
-    if ids != [rid for rid, _ in records] or means.shape != (len(records), model.embed_dim) or not np.isfinite(means).all():
-        raise RuntimeError(f"CLI output {path}: {len(ids)} ids, mean_{layer} {means.shape}; expected "
-                           f"{len(records)} x {model.embed_dim}, finite, in input order")
+    _, means = read_cli_means(path, records, layer, model.embed_dim)
     picked = sorted({round(i * (len(records) - 1) / (CHECKED_SEQUENCES - 1)) for i in range(CHECKED_SEQUENCES)})
     sample = [records[i] for i in picked]
     ours = {}
@@ -120,13 +144,32 @@ def forward_rate(model) -> float:
     return sum(b.num_tokens for b in batches) / seconds
 
 
-def in_process(model_name: str, precision: str, records: list, work: Path, stats: dict) -> dict:
+@dataclass(frozen=True)
+class Weights:
+    """One model's checkpoint files (step 0)."""
+
+    folder: Path  # ESMFLASH_WEIGHTS for the CLI: holds <model>.pt
+    pt: Path
+    hf: Path
+    write_seconds: float
+
+
+def write_weights(model: str, tmp: Path) -> Weights:
+    from esmflash.bench.checkpoints import write_checkpoints
+
+    folder = tmp / "weights"
+    shutil.rmtree(folder, ignore_errors=True)  # the previous model's files (disk)
+    start = time.perf_counter()
+    pt, hf = write_checkpoints(model, folder, helpers.device(), seed=0)
+    return Weights(folder, pt, hf, time.perf_counter() - start)
+
+
+def in_process(weights: Weights, precision: str, records: list, work: Path, stats: dict) -> dict:
     """Step 3: the repeated-batch forward and the CLI output check, with the model the CLI ran
-    (same name, precision, seeded weights and the engine's defaults, which must resolve alike)."""
+    (same file, precision and the engine's defaults, which must resolve alike)."""
     from esmflash import load_esm2_model
 
-    model, _ = load_esm2_model(model_name, precision=precision, device=helpers.device(), engine="auto",
-                               random_weights=True, seed=0)
+    model, _ = load_esm2_model(weights.pt, precision=precision, device=helpers.device(), engine="auto")
     engine = {f"engine_{k}": v for k, v in model.engine.as_dict().items()}
     ran = {k: v for k, v in stats["model"].items() if k.startswith("engine_")}
     if ran != engine or stats["model"].get("weights_source") != model.weights_source:
@@ -145,13 +188,14 @@ def in_process(model_name: str, precision: str, records: list, work: Path, stats
     return row
 
 
-def measure_combo(model: str, precision: str, fasta: Path, records: list, tokens: int, work: Path) -> dict:
+def measure_combo(model: str, precision: str, fasta: Path, records: list, tokens: int, work: Path,
+                  weights: Weights) -> dict:
     from esmflash import ESM2_ARCHITECTURES
 
     work.mkdir()
-    cli_cmd, hf_cmd = commands(model, precision, fasta, work)
+    cli_cmd, hf_cmd = commands(model, precision, fasta, work, weights.hf)
     with measure.stopwatch(f"embed {model} {precision}: CLI"):
-        cli_wall, cli_tail = run_timed(cli_cmd, "esmflash embed", work)
+        cli_wall, cli_tail = run_timed(cli_cmd, "esmflash embed", work, {"ESMFLASH_WEIGHTS": str(weights.folder)})
     stats = json.loads((work / "stats.json").read_text())
     if stats["tokens"] != tokens or stats["records"] != len(records):
         raise RuntimeError(f"the CLI embedded {stats['records']} records / {stats['tokens']} tokens of "
@@ -159,11 +203,13 @@ def measure_combo(model: str, precision: str, fasta: Path, records: list, tokens
     with measure.stopwatch(f"embed {model} {precision}: HF script"):
         hf_wall, hf_tail = run_timed(hf_cmd, "HF script", work)
     row = {**stats, "fasta_tokens": tokens, "cli_wall_seconds": cli_wall, "hf_wall_seconds": hf_wall,
-           "cli_command": " ".join(cli_cmd), "hf_command": " ".join(hf_cmd),
-           "cli_stderr_tail": cli_tail, "hf_stderr_tail": hf_tail}
-    row.update(check_hf_output(work / "hf.npz", records, ESM2_ARCHITECTURES[model][1]))
+           "checkpoint_write_seconds": weights.write_seconds, "cli_command": " ".join(cli_cmd),
+           "hf_command": " ".join(hf_cmd), "cli_stderr_tail": cli_tail, "hf_stderr_tail": hf_tail}
+    layers, dim = ESM2_ARCHITECTURES[model][:2]
+    _, cli_means = read_cli_means(work / "out.h5", records, layers, dim)
+    row.update(check_hf_output(work / "hf.npz", records, cli_means, precision))
     with measure.stopwatch(f"embed {model} {precision}: forward and checks"):
-        row.update(in_process(model, precision, records, work, stats))
+        row.update(in_process(weights, precision, records, work, stats))
     return row
 
 
@@ -173,11 +219,18 @@ def measure_embed() -> dict:
 
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="esmflash-embed-") as tmp:
+        tmp = Path(tmp)
         records = mixed_records(config.EMBED_TOKENS[config.TIER])
-        fasta = Path(tmp) / "mixed.fasta"
+        fasta = tmp / "mixed.fasta"
         tokens = write_fasta(fasta, records)
-        for model, precision in config.EMBED_MEASURED[config.TIER]:
-            work = Path(tmp) / f"{model}-{precision}"
-            measure.guarded(out, [(model, precision)], lambda: out.update(
-                {(model, precision): measure_combo(model, precision, fasta, records, tokens, work)}))
+        combos = config.EMBED_MEASURED[config.TIER]
+        for model in dict.fromkeys(m for m, _ in combos):
+            precisions = [p for m, p in combos if m == model]
+            keys = [(model, p) for p in precisions]
+            weights: list[Weights] = []
+            measure.guarded(out, keys, lambda: weights.append(write_weights(model, tmp)), f"embed {model}: weights")
+            for precision in precisions if weights else []:
+                work = tmp / f"{model}-{precision}"
+                measure.guarded(out, [(model, precision)], lambda: out.update(
+                    {(model, precision): measure_combo(model, precision, fasta, records, tokens, work, weights[0])}))
     return out

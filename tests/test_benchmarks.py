@@ -324,13 +324,18 @@ def test_hf_script_writes_esmflash_means_for_the_same_weights(tmp_path):
     from esmflash.bench import hf_embed
     from esmflash.bench.workloads import mixed_records, write_fasta
 
+    from argparse import Namespace
+
+    from esmflash.bench.checkpoints import write_hf_folder
+
     model, _ = _randomized_8m_state()
-    torch.save(model.state_dict(), tmp_path / "state.pt")
+    cfg = Namespace(encoder_layers=6, encoder_embed_dim=320, encoder_attention_heads=20, token_dropout=True)
+    write_hf_folder(cfg, model.state_dict(), tmp_path / "hf")
     records = mixed_records(3000, seed=7) + [("tiny", "MK"), ("odd", "MKXBUZO")]
     write_fasta(tmp_path / "in.fasta", records)
     cmd = [sys.executable, "-P", hf_embed.__file__, str(tmp_path / "in.fasta"), str(tmp_path / "out.npz"),
            "--model", "esm2_t6_8M_UR50D", "--precision", "fp32", "--device", "cpu", "--max-tokens", "1024",
-           "--fair-esm-state", str(tmp_path / "state.pt")]
+           "--checkpoint", str(tmp_path / "hf")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(tmp_path / "out.npz") as data:

@@ -4,13 +4,15 @@ and the scripts users would otherwise run, every figure from the same call on th
     python3 tools/measure_embed.py run --tokens 3000000 --out DIR [--jobs 650M:fp16:cold,650M:fp16 ...]
         [--baselines 650M:fp16:hf,650M:fp16:stock,...] [--diagnose]
 
-Per job (model:precision[:cold]) it runs the CLI in a fresh process (`--random-weights`, the
-engine's defaults; "cold": fresh inductor, Triton, quack and FA4 cache directories) and reads its
+Each model's seeded random weights are first written as a fair-esm file and an HF folder under
+DIR/weights (esmflash.bench.checkpoints), which every program then loads, as users load theirs.
+Per job (model:precision[:cold]) it runs the CLI in a fresh process (ESMFLASH_WEIGHTS=DIR/weights,
+the engine's defaults; "cold": fresh inductor, Triton, quack and FA4 cache directories) and reads its
 --stats-json (embedding-phase tokens/s, seconds to first batch, peak RSS) and wall clock; then
 the repeated-batch forward rate of the same model and precision in another fresh process (one
 16k-token "mixed" batch replayed, as the suite's ForwardPacked times it). Baselines run the same
-FASTA through a plain Hugging Face EsmModel SDPA script (esmflash.bench.hf_embed) or stock
-fair-esm `.half()` (the `stock` subcommand here), length-sorted padded batches, by the wall clock.
+FASTA through a plain Hugging Face EsmModel SDPA script (esmflash.bench.hf_embed --checkpoint) or
+stock fair-esm `.half()` (the `stock` subcommand here), length-sorted padded batches, by the wall clock.
 `--diagnose` times, in ONE process, 35M, 150M and then 650M over pre-staged never-seen batch
 shapes against one batch repeated (forward_packed) and the pipeline's padded pooled pass, with
 dynamo recompiles and CUDA graph captures counted. Prints a table; writes DIR/measure.json.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,8 +46,24 @@ def _timed(cmd: list[str], env: dict | None = None) -> tuple[float, str, str]:
     return wall, proc.stdout, proc.stderr
 
 
+def weights_env(work: Path) -> dict:
+    return {**os.environ, "ESMFLASH_WEIGHTS": str(work / "weights")}
+
+
+def write_weights(models: list[str], work: Path) -> dict:
+    """Each model's checkpoint files under work/weights -> {model: seconds to write them}."""
+    from esmflash.bench.checkpoints import write_checkpoints
+
+    seconds = {}
+    for model in models:
+        start = time.time()
+        write_checkpoints(model, work / "weights", DEVICE)
+        seconds[model] = time.time() - start
+    return seconds
+
+
 def run_cli(model: str, precision: str, fasta: Path, work: Path, cold: bool) -> dict:
-    env = dict(os.environ)
+    env = weights_env(work)
     if cold:
         fresh = Path(tempfile.mkdtemp(prefix="cold-", dir=work))
         env.update({var: str(fresh / var.lower()) for var in CACHE_VARS})
@@ -52,16 +71,16 @@ def run_cli(model: str, precision: str, fasta: Path, work: Path, cold: bool) -> 
     for path in (out, stats):
         path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "esmflash", "embed", str(fasta), "-o", str(out), "--model", model,
-           "--random-weights", "--precision", precision, "--device", DEVICE, "--no-progress", "--stats-json", str(stats)]
+           "--precision", precision, "--device", DEVICE, "--no-progress", "--stats-json", str(stats)]
     wall, _, err = _timed(cmd, env)
     row = json.loads(stats.read_text())
     out.unlink(missing_ok=True)
     return {"wall_seconds": wall, "summary": err.strip().splitlines()[-1], **row}
 
 
-def forward_rate(model: str, precision: str) -> dict:
+def forward_rate(model: str, precision: str, work: Path) -> dict:
     """Repeated-batch forward tokens/s in a fresh process (the `forward-rate` subcommand)."""
-    _, out, _ = _timed([sys.executable, __file__, "forward-rate", model, precision])
+    _, out, _ = _timed([sys.executable, __file__, "forward-rate", model, precision], weights_env(work))
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -72,7 +91,7 @@ def _forward_rate_main(model: str, precision: str) -> None:
     from esmflash.bench.perf import median, time_device
     from esmflash.bench.workloads import length_class_records
 
-    m, alphabet = load_esm2_model(model, precision=precision, device=DEVICE, random_weights=True)
+    m, alphabet = load_esm2_model(model, precision=precision, device=DEVICE)  # from $ESMFLASH_WEIGHTS
     batch = pack_sequences(length_class_records("mixed", 16384), alphabet, 16384)[0].to(DEVICE)
     run = lambda: m.forward_packed(batch, [m.num_layers])  # noqa: E731
     with torch.no_grad():
@@ -81,20 +100,22 @@ def _forward_rate_main(model: str, precision: str) -> None:
                       "forward_batch_tokens": batch.num_tokens}))
 
 
-def _stock_main(fasta: str, out: str, model: str, precision: str, max_tokens: int) -> None:
-    """Stock fair-esm as a user scripts it: ESM2 `.half()` (or bf16) on the GPU, extract.py's
-    length-sorted padded batches of at most max_tokens tokens, mean over residues, one .npz."""
+def _stock_main(fasta: str, out: str, checkpoint: str, precision: str, max_tokens: int) -> None:
+    """Stock fair-esm as a user scripts it: the checkpoint file loaded by fair-esm (its own
+    `load_model_and_alphabet_local` reads it with torch.load's weights_only default, which torch
+    2.6+ refuses for these files: the same call with weights_only=False), `.half()` (or bf16) on
+    the GPU, extract.py's length-sorted padded batches of at most max_tokens tokens, mean over
+    residues, one .npz."""
     import esm
     import numpy as np
     import torch
 
-    from esmflash.model import ESM2_ARCHITECTURES
-
-    layers, dim, heads = ESM2_ARCHITECTURES[model]
-    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
-    with torch.device("cuda"):
-        net = esm.model.esm2.ESM2(layers, dim, heads, alphabet).to({"fp16": torch.float16, "bf16": torch.bfloat16,
-                                                                      "fp32": torch.float32}[precision]).eval()
+    path = Path(checkpoint)
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    regression = torch.load(f"{path.with_suffix('')}-contact-regression.pt", map_location="cpu", weights_only=False)
+    net, alphabet = esm.pretrained.load_model_and_alphabet_core(path.stem, data, regression)
+    layers = net.num_layers
+    net = net.to({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]).cuda().eval()
     data = esm.data.FastaBatchedDataset.from_file(fasta)
     convert = alphabet.get_batch_converter()
     means = [None] * len(data)
@@ -112,10 +133,11 @@ def baseline(kind: str, model: str, precision: str, fasta: Path, work: Path, max
     if kind == "hf":  # by path: a plain script that never imports esmflash
         from esmflash.bench import hf_embed
 
-        cmd = [sys.executable, hf_embed.__file__, str(fasta), str(out), "--model", model,
-               "--precision", precision, "--max-tokens", str(max_tokens), "--device", DEVICE]
+        cmd = [sys.executable, hf_embed.__file__, str(fasta), str(out), "--model", model, "--precision", precision,
+               "--max-tokens", str(max_tokens), "--device", DEVICE, "--checkpoint", str(work / "weights" / "hf" / model)]
     else:
-        cmd = [sys.executable, __file__, "stock", str(fasta), str(out), model, precision, str(max_tokens)]
+        cmd = [sys.executable, __file__, "stock", str(fasta), str(out), str(work / "weights" / f"{model}.pt"), precision,
+               str(max_tokens)]
     wall, _, _ = _timed(cmd)
     out.unlink(missing_ok=True)
     return {"wall_seconds": wall}
@@ -175,23 +197,27 @@ def measure(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     fasta = work / "mixed.fasta"
     written = write_fasta(fasta, mixed_records(args.tokens, seed=args.seed))
-    report = {"tokens": written, "fasta_bytes": fasta.stat().st_size, "jobs": [], "baselines": []}
+    jobs, baselines = args.jobs.split(","), list(filter(None, args.baselines.split(",")))
+    models = list(dict.fromkeys([_job(spec)[0] for spec in jobs] + [MODELS[spec.split(":")[0]] for spec in baselines]))
+    report = {"tokens": written, "fasta_bytes": fasta.stat().st_size, "jobs": [], "baselines": [],
+              "checkpoint_write_seconds": write_weights(models, work)}
     rates: dict[tuple[str, str], dict] = {}
-    for spec in args.jobs.split(","):
+    for spec in jobs:
         model, precision, cold = _job(spec)
         row = {"job": spec, **run_cli(model, precision, fasta, work, cold)}
         if (model, precision) not in rates:
-            rates[(model, precision)] = forward_rate(model, precision)
+            rates[(model, precision)] = forward_rate(model, precision, work)
         row.update(rates[(model, precision)])
         row["fraction_of_forward"] = row["embedding_tokens_per_second"] / row["forward_tokens_per_second"]
         print(json.dumps(row), flush=True)
         report["jobs"].append(row)
-    for spec in filter(None, args.baselines.split(",")):
+    for spec in baselines:
         name, precision, kind = spec.split(":")
         row = {"baseline": spec, **baseline(kind, MODELS[name], precision, fasta, work, args.max_tokens)}
         print(json.dumps(row), flush=True)
         report["baselines"].append(row)
     fasta.unlink()
+    shutil.rmtree(work / "weights")  # GBs per model
     return report
 
 

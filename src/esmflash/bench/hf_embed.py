@@ -3,7 +3,8 @@
     python3 -m esmflash.bench.hf_embed IN.fasta OUT.npz --model esm2_t33_650M_UR50D --precision fp16
 
 What a user would write with transformers: EsmModel with SDPA attention in the given precision
-(random weights, built on the device: no checkpoint is needed), records sorted by length into
+(--checkpoint FOLDER: `EsmModel.from_pretrained` of an HF folder, as `hf download` leaves it, moved
+to the device; without it, random weights built on the device), records sorted by length into
 padded batches of at most --max-tokens tokens (padding counted), tokenized as EsmTokenizer does,
 the mean of the last layer over each sequence's residues. Writes ids [N] and mean [N, D] float32
 in input order. It imports torch, transformers and numpy only (run it by path to keep esmflash's
@@ -81,16 +82,15 @@ def main(argv=None):
     p.add_argument("--precision", default="fp16", choices=DTYPES)
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fair-esm-state", help=argparse.SUPPRESS)  # tests: the weights of a fair-esm state dict
+    p.add_argument("--checkpoint", help="an HF checkpoint folder (config.json + safetensors) of --model")
     args = p.parse_args(argv)
-    with torch.device(args.device):
-        model = EsmModel._from_config(esm_config(args.model), dtype=DTYPES[args.precision],
-                                      attn_implementation="sdpa", add_pooling_layer=False)
-    if args.fair_esm_state:
-        from esmflash.model.hf_weights import fair_esm_to_hf_state_dict
-
-        state = fair_esm_to_hf_state_dict(torch.load(args.fair_esm_state, map_location=args.device))
-        model.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("esm.")}, strict=True)
+    if args.checkpoint:
+        model = EsmModel.from_pretrained(args.checkpoint, dtype=DTYPES[args.precision], attn_implementation="sdpa",
+                                         add_pooling_layer=False).to(args.device)
+    else:
+        with torch.device(args.device):
+            model = EsmModel._from_config(esm_config(args.model), dtype=DTYPES[args.precision],
+                                          attn_implementation="sdpa", add_pooling_layer=False)
     records = read_fasta(args.fasta)
     means = embed(model.eval(), records, args.max_tokens, args.device)
     np.savez(args.out, ids=np.array([r[0] for r in records]), mean=means.astype(np.float32))
