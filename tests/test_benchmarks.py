@@ -386,3 +386,29 @@ def test_hf_baseline_has_the_weights_of_the_packed_model():
     wrong = hf_model({k: (v.flip(0) if k == "layers.0.fc1.weight" else v) for k, v in model.state_dict().items()},
                      6, 320, 20, "cpu", torch.float32)
     assert relative_errors(packed_layout(hf_forward(wrong, batches), batches, packed), ref)[0] > 1e-3
+
+
+def test_benchmark_checkpoints_hold_the_seeded_weights_in_both_layouts(tmp_path):
+    """esmflash.bench.checkpoints: the fair-esm file (stock fair-esm's loader reads it, contact
+    regression beside it) and the HF folder (transformers reads it) hold the seeded random weights."""
+    import esm
+    from transformers import EsmModel
+
+    from esmflash import embed, load_esm2_model
+    from esmflash.bench.checkpoints import write_checkpoints
+
+    pt, hf = write_checkpoints("esm2_t6_8M_UR50D", tmp_path, "cpu", seed=3)
+    seeded, alphabet = load_esm2_model("esm2_t6_8M_UR50D", precision="fp32", device="cpu", random_weights=True, seed=3)
+    regression = torch.load(tmp_path / "esm2_t6_8M_UR50D-contact-regression.pt", weights_only=False)
+    stock, _ = esm.pretrained.load_model_and_alphabet_core(pt.stem, torch.load(pt, weights_only=False), regression)
+    for other in (stock, load_esm2_model(pt, precision="fp32", device="cpu")[0],
+                  load_esm2_model(hf, precision="fp32", device="cpu")[0]):
+        theirs = other.state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in seeded.state_dict().items())
+    seq = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
+    tokens = torch.tensor([[alphabet.cls_idx, *alphabet.encode(seq), alphabet.eos_idx]])
+    with torch.no_grad():
+        hidden = EsmModel.from_pretrained(str(hf), attn_implementation="sdpa", add_pooling_layer=False).eval()(
+            input_ids=tokens, attention_mask=torch.ones_like(tokens)).last_hidden_state[0, 1:-1].mean(0)
+    ours = embed(seeded, [("a", seq)]).mean[6][0]
+    assert (hidden - ours).abs().max() <= 1e-5 * ours.abs().max()

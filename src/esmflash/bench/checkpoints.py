@@ -56,7 +56,11 @@ def write_hf_folder(cfg: Namespace, state: dict[str, torch.Tensor], folder: str 
     folder.mkdir(parents=True, exist_ok=True)
     config = hf_config_kwargs(cfg.encoder_layers, cfg.encoder_embed_dim, cfg.encoder_attention_heads, cfg.token_dropout)
     EsmConfig(**config).save_pretrained(str(folder))
-    tensors = {k: v.contiguous().clone() for k, v in fair_esm_to_hf_state_dict(state).items()}  # no shared storage
+    tensors, seen = {}, set()
+    for key, value in fair_esm_to_hf_state_dict(state).items():  # safetensors refuses shared storage (the tied decoder)
+        shared = value.untyped_storage().data_ptr() in seen or not value.is_contiguous()
+        tensors[key] = value.contiguous().clone() if shared else value
+        seen.add(tensors[key].untyped_storage().data_ptr())
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
