@@ -1,8 +1,6 @@
 """`python -m esmflash ...`: the same command line as the `esmflash` script."""
 
-import sys
-
-from esmflash.cli import main
+from esmflash.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

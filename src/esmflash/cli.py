@@ -34,7 +34,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Iterator, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
@@ -168,6 +168,21 @@ def _another_rank_failed(ranks: Ranks) -> bool:
 def _interrupted(work_dir: str) -> None:
     kept = f"finished work is kept in {work_dir}" if has_unit_files(work_dir) else "no window was finished yet"
     print(f"esmflash: interrupted; {kept}: rerun the same command to resume", file=sys.stderr)
+
+
+def run() -> NoReturn:
+    """The `esmflash` script and `python -m esmflash`: main(), then exit without the interpreter's
+    teardown (clearing every module of torch and its libraries: 0.3 s on a 2-core CPU), which
+    nothing needs once main() returned: every output is written, renamed and synced, no file is
+    left open, and no atexit hook of esmflash's exists. Under torchrun the process exits as usual
+    (its process group shuts down in order)."""
+    status = main()
+    if env_world_size() > 1:
+        sys.exit(status)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
