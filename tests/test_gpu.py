@@ -493,3 +493,24 @@ def test_embed_on_gpu_matches_fp32_reference(reference):
     assert max_rel < 1e-2 and tok < 2e-2 and bos < 2e-2
     assert cos.min() > 0.999
     assert relative_errors(ours.mean[0], ref.mean[0])[0] < 1e-3
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_checkpoint_loads_onto_the_gpu_as_on_the_cpu(tmp_path, precision):
+    """A checkpoint file loaded straight onto the GPU (built there without initialisation, the
+    mapped weights copied in, NaN/Inf summed on the device) holds exactly the CPU load's weights
+    cast to `precision`; a NaN in the file is found on the GPU too."""
+    from esmflash import CheckpointError
+    from esmflash.bench.checkpoints import fair_esm_state, write_fair_esm_file
+
+    cfg, state = fair_esm_state("esm2_t12_35M_UR50D", "cpu", seed=4)
+    path = write_fair_esm_file(cfg, state, tmp_path / "esm2_t12_35M_UR50D.pt")
+    gpu, _ = load_esm2_model(path, precision=precision, device="cuda")
+    cpu, _ = load_esm2_model(path, precision="fp32", device="cpu")
+    theirs = gpu.state_dict()
+    for key, value in cpu.state_dict().items():
+        assert torch.equal(theirs[key].cpu(), value.to(PRECISIONS[precision])), key
+    state["layers.3.fc2.weight"][1, 2] = float("nan")
+    write_fair_esm_file(cfg, state, path)
+    with pytest.raises(CheckpointError, match="layers.3.fc2.weight holds NaN or Inf"):
+        load_esm2_model(path, precision=precision, device="cuda")
