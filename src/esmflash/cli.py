@@ -29,6 +29,7 @@ work). Exit status: 0 done; 2 bad input, options or files (one line `esmflash: e
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import logging
 import os
@@ -171,15 +172,15 @@ def _interrupted(work_dir: str) -> None:
 
 
 def run() -> NoReturn:
-    """The `esmflash` script and `python -m esmflash`: main(), then exit without the interpreter's
-    teardown (clearing every module of torch and its libraries: 0.3 s on a 2-core CPU), which
-    nothing needs once main() returned: every output is written, renamed and synced, no file is
-    left open, and no atexit hook of esmflash's exists. Under torchrun the process exits as usual
-    (its process group shuts down in order)."""
+    """The `esmflash` script and `python -m esmflash`: main(), the libraries' exit handlers (worker
+    pools, logging), then os._exit: the interpreter's own teardown (clearing every module of torch
+    and its libraries: 0.3 s on a 2-core CPU) is skipped, as nothing needs it once main() returned
+    (every output is written, renamed and synced, no file is left open). Under torchrun the
+    process exits as usual (its process group shuts down in order)."""
     status = main()
     if env_world_size() > 1:
         sys.exit(status)
-    logging.shutdown()
+    atexit._run_exitfuncs()  # what sys.exit would run first (5 ms here)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -160,8 +160,6 @@ def _check_fits(model: PackedESM2, state: dict, where: Path) -> None:
         raise CheckpointError(f"{where}: weights do not fit the architecture in its config ({'; '.join(parts)})")
 
 
-
-
 def _first_nonfinite(model: PackedESM2) -> str | None:
     """The name of the first weight holding NaN or Inf, or None. A weight's sum is finite when all
     its values are (NaN and Inf survive a sum); only a weight whose sum is not is looked at value by
