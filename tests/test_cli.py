@@ -906,6 +906,16 @@ def test_stats_times_count_from_the_process_start(tmp_path, fasta):
     assert spawned - 0.05 <= stats["process_start"] <= stats["job_start"] <= ended
     assert stats["seconds_total"] <= ended - spawned + 0.05
     assert 0 < stats["seconds_to_imports"] <= stats["seconds_to_model"] <= stats["seconds_to_first_batch"]
+    assert stats["seconds_compiling"] == 0.0 and stats["graph_captures"] == stats["graph_replays"] == 0  # CPU: eager
+
+
+def test_compile_seconds_counts_what_dynamo_compiled():
+    from esmflash.runstats import compile_seconds
+
+    before = compile_seconds()
+    double = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    assert torch.equal(double(torch.ones(3)), torch.full((3,), 3.0))
+    assert compile_seconds() > before
 
 
 def test_usage_errors_are_one_line(tmp_path, fasta):

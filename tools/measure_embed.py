@@ -223,11 +223,12 @@ def measure(args: argparse.Namespace) -> dict:
 
 def print_table(report: dict) -> None:
     print(f"\n{'job':18s} {'tok/s embed':>12s} {'tok/s fwd':>10s} {'fraction':>8s} {'1st batch s':>11s} "
-          f"{'wall s':>7s} {'peak RSS GB':>11s}")
+          f"{'imports/model/compile s':>23s} {'captures':>8s} {'wall s':>7s} {'peak RSS GB':>11s}")
     for r in report["jobs"]:
+        start = f"{r['seconds_to_imports']:.1f} / {r['seconds_to_model']:.1f} / {r['seconds_compiling']:.1f}"
         print(f"{r['job']:18s} {r['embedding_tokens_per_second']:12,.0f} {r['forward_tokens_per_second']:10,.0f} "
-              f"{r['fraction_of_forward']:8.3f} {r['seconds_to_first_batch']:11.1f} {r['wall_seconds']:7.1f} "
-              f"{r['peak_rss_bytes'] / 1e9:11.2f}")
+              f"{r['fraction_of_forward']:8.3f} {r['seconds_to_first_batch']:11.1f} {start:>23s} "
+              f"{r['graph_captures']:8d} {r['wall_seconds']:7.1f} {r['peak_rss_bytes'] / 1e9:11.2f}")
     for r in report["baselines"]:
         print(f"{r['baseline']:18s} wall {r['wall_seconds']:.1f} s")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -40,6 +41,14 @@ def peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def compile_seconds() -> float:
+    """Seconds this process spent in torch.compile so far (dynamo's own record of each frame it
+    compiled, cache hits included); 0.0 when dynamo was never imported."""
+    dynamo_utils = sys.modules.get("torch._dynamo.utils")
+    metrics = getattr(dynamo_utils, "compilation_time_metrics", None) or {}
+    return float(sum(metrics.get("_compile.compile_inner", [])))
+
+
 @dataclass
 class RunReport:
     """The figures of one run (rank 0's view; tokens count every rank's work)."""
@@ -57,6 +66,9 @@ class RunReport:
     resumed_units: int = 0
     peak_rss_bytes: int = 0
     rank_peak_rss_bytes: list[int] = field(default_factory=list)
+    seconds_compiling: float = 0.0  # in torch.compile (dynamo, inductor and their caches), rank 0
+    graph_captures: int = 0  # CUDA graphs rank 0 captured; each new batch shape costs one capture
+    graph_replays: int = 0
     model: dict = field(default_factory=dict)
 
     @classmethod
@@ -75,6 +87,8 @@ class RunReport:
         self.seconds_total = now - self.process_start
         self.resumed_units, self.peak_rss_bytes, self.model = result.resumed_units, peak_rss_bytes(), result.model
         self.rank_peak_rss_bytes = result.rank_peak_rss
+        self.seconds_compiling = compile_seconds()
+        self.graph_captures, self.graph_replays = result.graph_captures, result.graph_replays
 
     def summary_line(self, spec, world_size: int) -> str:
         resumed = f"; resumed {self.resumed_units} finished window(s)" if self.resumed_units else ""

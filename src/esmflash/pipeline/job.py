@@ -80,6 +80,8 @@ class JobResult:
     model: dict = field(default_factory=dict)
     rank_peak_rss: list[int] = field(default_factory=list)  # bytes, each rank's peak by the end of embedding
     model_loaded: float = 0.0  # epoch seconds when this rank's model was loaded and configured
+    graph_captures: int = 0  # CUDA graphs this rank captured (one per new batch shape)
+    graph_replays: int = 0  # ... and passes it ran by replaying one
 
 
 def weights_identity(spec: JobSpec) -> str:
@@ -253,8 +255,10 @@ def run_job(spec: JobSpec, ranks: Ranks, progress: Callable[[int], None] | None 
             raise
         stats = run_pipeline(reader, model, layers, spec.bos, spec.per_token, store.write_unit, progress)
         parts = ranks.gather((stats, peak_rss_bytes()))  # also the barrier before assembling
+        graphs = model.runner.graphs
         result = JobResult(Stats.combined([s for s, _ in parts]), None, len(done), model_info(model),
-                           [rss for _, rss in parts], loaded)
+                           [rss for _, rss in parts], loaded, graphs.captures if graphs else 0,
+                           graphs.replays if graphs else 0)
         if held is not None:
             _check_nothing_beyond(done, claims.seen, store.work_dir)
             store.check_complete(claims.seen)
