@@ -41,6 +41,16 @@ class EmbedFasta(CachedRow):
     def track_seconds_to_first_batch(self, cache, model, precision):
         return self.row["seconds_to_first_batch"]
 
+    @about("embed job: seconds from process start to the model loaded (interpreter, imports, checkpoint)", "s")
+    @skip_for_params(MEASURED)
+    def track_seconds_to_model(self, cache, model, precision):
+        return self.row["seconds_to_model"]
+
+    @about("embed job: seconds the CLI spent in torch.compile (on-disk caches as the machine had them)", "s")
+    @skip_for_params(MEASURED)
+    def track_seconds_compiling(self, cache, model, precision):
+        return self.row["seconds_compiling"]
+
     @about("embed job: peak host RSS of the CLI process", "bytes")
     @skip_for_params(MEASURED)
     def track_peak_host_rss(self, cache, model, precision):

@@ -157,7 +157,8 @@ def expected_gpu_groups() -> list[set[str]]:
         "track_sm_clock_mhz", "track_temperature_c", "track_power_limit_w", "track_throttled")}
     embed = {f"bench_embed.EmbedFasta.{m}('{model}', 'fp16')" for model in GPU_MODELS for m in (
         "track_tokens_per_second", "track_seconds_to_first_batch", "track_peak_host_rss", "track_fraction_of_forward",
-        "track_speedup_over_hf_wall", "track_hf_wall_tokens_per_second", "track_wall_seconds")}
+        "track_speedup_over_hf_wall", "track_hf_wall_tokens_per_second", "track_wall_seconds",
+        "track_seconds_to_model", "track_seconds_compiling")}
     forward = {f"bench_forward.ForwardPacked.time_forward_packed{c}" for c in grid(["fp16", "bf16"], ["short", "mixed"])}
     forward |= {f"bench_forward.ForwardPackedHopper.time_forward_packed{c}" for c in grid(["fp16"], ["mixed"])}
     return [metrics, embed, forward]
@@ -172,7 +173,7 @@ def test_gpu_groups_select_the_intended_combinations(gpu_suite):
     got = [selected(names, group) for group in groups]
     for i, (have, want) in enumerate(zip(got, expected_gpu_groups())):
         assert have == want, f"group {i}: extra {sorted(have - want)[:3]}, missing {sorted(want - have)[:3]}"
-    assert len(got[0]) == 241 and len(got[1]) == 14 and len(got[2]) == 10
+    assert len(got[0]) == 241 and len(got[1]) == 18 and len(got[2]) == 10
     assert_none_skipped(gpu_suite, names, set().union(*got), "gpu")
     gate = selected(names, [config.GATE_SELECTION["gpu"]])
     assert gate and gate <= got[2] and all(".ForwardPacked." in n for n in gate)
@@ -195,7 +196,7 @@ def test_cpu_selection_is_every_measured_cpu_combination(cpu_suite):
                 and ("'esm2_t6_8M_UR50D'" in n or "'esm2_t12_35M_UR50D'" in n)}
     runnable = {n for n in runnable if re.findall(r"'[^']*'", n[len(names[n]):]) not in cpu_suite[names[n]]["skip"]}
     assert chosen == runnable, sorted(runnable ^ chosen)[:5]
-    assert len([n for n in chosen if n.startswith("bench_embed.")]) == 14
+    assert len([n for n in chosen if n.startswith("bench_embed.")]) == 18
     assert selected(names, [config.GATE_SELECTION["cpu"]]) <= chosen
 
 
@@ -289,9 +290,12 @@ def test_embed_job_on_the_cpu_tier(monkeypatch):
     bench = bench_embed.EmbedFasta()
     bench.setup(cache, "esm2_t6_8M_UR50D", "fp32")
     tracks = [m for m in dir(bench) if m.startswith("track_")]
-    assert len(tracks) == 7
+    assert len(tracks) == 9
     for method in tracks:
         value = getattr(bench, method)(cache, "esm2_t6_8M_UR50D", "fp32")
+        if method == "track_seconds_compiling":  # the CPU tier runs eager
+            assert value == 0.0
+            continue
         assert finite_positive(value), (method, value)
     with pytest.raises(NotImplementedError):
         bench.setup(cache, "esm2_t12_35M_UR50D", "fp32")

@@ -40,6 +40,8 @@ LOWER_IS_BETTER_TRACKS = (
     "track_max_rel_error_vs_fp32",
     "track_hf_max_rel_error_vs_fp32",
     "track_seconds_to_first_batch",
+    "track_seconds_to_model",
+    "track_seconds_compiling",
     "track_peak_host_rss",
     "track_wall_seconds",
 )

@@ -74,6 +74,8 @@ EMBED_COLUMNS = (
     ("speedup over HF job (wall clock)", "track_speedup_over_hf_wall", RATIO),
     ("HF job tokens/s", "track_hf_wall_tokens_per_second", RATE),
     ("seconds to first batch", "track_seconds_to_first_batch", SECONDS),
+    ("of which to the model loaded", "track_seconds_to_model", SECONDS),
+    ("of which compiling", "track_seconds_compiling", SECONDS),
     ("peak host RSS", "track_peak_host_rss", GIB),
 )
 # Baselines per (model, length): (column title, benchmark, precision, formatter).
