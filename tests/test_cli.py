@@ -24,7 +24,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from argparse import Namespace
@@ -37,13 +36,13 @@ import pytest
 import torch
 from esm.model.esm2 import ESM2
 
-import esmflash
 from esmflash.cli import main
 from esmflash.config import EngineConfig
 from esmflash.errors import EsmflashError
 from esmflash.model import load_esm2_model
 from esmflash.pipeline.job import JobSpec, manifest
 from esmflash.pipeline.store import WorkStore
+from testsupport import NO_WEIGHTS, child_env, hide_weights, temp_files
 
 MODEL = "esm2_t6_8M_UR50D"
 LAYERS = 6
@@ -54,11 +53,6 @@ GOOD_LAYERS = (0, 3, 6)
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 TOL = 1e-5
 TIMEOUT = 300
-# Where every weights search of these tests looks: an empty folder, so no checkpoint on this machine
-# (torch hub, $ESMFLASH_WEIGHTS, the Hugging Face cache) can stand in for the seeded random weights.
-NO_WEIGHTS = tempfile.mkdtemp(prefix="esmflash-no-weights-")
-WEIGHTS_ENV = {"ESMFLASH_WEIGHTS": NO_WEIGHTS, "TORCH_HOME": NO_WEIGHTS, "HF_HOME": NO_WEIGHTS,
-               "XDG_CACHE_HOME": NO_WEIGHTS}
 
 
 def _protein(rng: random.Random, low: int, high: int) -> str:
@@ -94,10 +88,7 @@ def fasta_text(records) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def hidden_weights():
     with pytest.MonkeyPatch.context() as mp:
-        for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-            mp.delenv(var, raising=False)
-        for var, value in WEIGHTS_ENV.items():
-            mp.setenv(var, value)
+        hide_weights(mp)
         yield
 
 
@@ -118,14 +109,6 @@ def cli(*args) -> tuple[int, str]:
         except SystemExit as e:  # argparse
             rc = e.code
     return rc, err.getvalue()
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
-    src = str(Path(esmflash.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    env.update(WEIGHTS_ENV, OMP_NUM_THREADS="1")
-    return env
 
 
 def command(*args) -> list[str]:
@@ -173,12 +156,6 @@ def snapshot(*roots) -> dict[str, tuple]:
 
 def changed(before: dict, after: dict) -> set[str]:
     return {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
-
-
-def temp_files(*roots) -> list[str]:
-    """The tool's hidden temporary names (`.NAME.esmflash-XXXX.tmp`) under `roots`."""
-    return [os.path.join(d, n) for root in roots for d, dirs, files in os.walk(root) for n in dirs + files
-            if ".esmflash-" in n and n.endswith(".tmp")]
 
 
 def read_h5(path) -> dict:

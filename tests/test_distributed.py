@@ -18,7 +18,6 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,16 +26,13 @@ import numpy as np
 import psutil
 import pytest
 
-import esmflash
 from esmflash.cli import main
+from testsupport import child_env, hide_weights, temp_files
 
 MODEL = "esm2_t6_8M_UR50D"
 OPTIONS = ["--model", MODEL, "--random-weights", "--precision", "fp32", "--device", "cpu", "--no-progress",
            "--max-tokens", "64", "--long-policy", "chunk", "--include", "mean", "per_tok", "--repr-layers", "0", "-1"]
 TIMEOUT = 300
-NO_WEIGHTS = tempfile.mkdtemp(prefix="esmflash-no-weights-")
-WEIGHTS_ENV = {"ESMFLASH_WEIGHTS": NO_WEIGHTS, "TORCH_HOME": NO_WEIGHTS, "HF_HOME": NO_WEIGHTS,
-               "XDG_CACHE_HOME": NO_WEIGHTS}
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 
 
@@ -57,19 +53,8 @@ def fasta_text(n: int, seed: int, long_at: int | None = None, bad_at: int | None
 @pytest.fixture(scope="module", autouse=True)
 def hidden_weights():
     with pytest.MonkeyPatch.context() as mp:
-        for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-            mp.delenv(var, raising=False)
-        for var, value in WEIGHTS_ENV.items():
-            mp.setenv(var, value)
+        hide_weights(mp)
         yield
-
-
-def env() -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
-    src = str(Path(esmflash.__file__).resolve().parents[1])
-    out["PYTHONPATH"] = os.pathsep.join(p for p in (src, out.get("PYTHONPATH")) if p)
-    out.update(WEIGHTS_ENV, OMP_NUM_THREADS="1")
-    return out
 
 
 def torchrun_command(nproc: int, fasta: Path, out: Path) -> list[str]:
@@ -78,7 +63,7 @@ def torchrun_command(nproc: int, fasta: Path, out: Path) -> list[str]:
 
 
 def torchrun(nproc: int, fasta: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_command(nproc, fasta, out), cwd=out.parent, env=env(), capture_output=True,
+    return subprocess.run(torchrun_command(nproc, fasta, out), cwd=out.parent, env=child_env(), capture_output=True,
                           text=True, timeout=TIMEOUT)
 
 
@@ -112,10 +97,6 @@ def assert_same(out: dict, ref: dict, tol: float = 1e-6) -> None:
         if key not in ("ids", "labels"):
             a, b = out[key].astype(np.float64), ref[key].astype(np.float64)
             assert a.shape == b.shape and np.abs(a - b).max() <= tol * max(np.abs(b).max(), 1e-30), key
-
-
-def temp_files(root: Path) -> list[str]:
-    return [n for _, dirs, files in os.walk(root) for n in dirs + files if ".esmflash-" in n and n.endswith(".tmp")]
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +154,7 @@ def test_launcher_killed_then_one_process_resumes(work):
     fasta.write_text(fasta_text(240, seed=3, long_at=100))
     single_process(fasta, directory / "reference.h5")
     out = directory / "out.h5"
-    launcher = subprocess.Popen(torchrun_command(2, fasta, out), cwd=directory, env=env(), stderr=subprocess.PIPE,
+    launcher = subprocess.Popen(torchrun_command(2, fasta, out), cwd=directory, env=child_env(), stderr=subprocess.PIPE,
                                 text=True)
     deadline = time.monotonic() + TIMEOUT
     while not glob.glob(f"{out}.parts/unit-*.h5"):

@@ -5,12 +5,9 @@ wiring, backend selection through `PackedESM2.configure`, numerical checks and F
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import random
 import re
-import shutil
-import tempfile
 
 import esm
 import pytest
@@ -41,14 +38,11 @@ from esmflash.kernels import GEMM
 from esmflash.kernels.attention import varlen_attention
 from esmflash.model import find_checkpoint
 from esmflash.pipeline.packing import build_batch, prepare_segments
+from testsupport import hide_weights
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 TOL = 1e-5
 MODELS = ["esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D"]
-# An empty folder that every weights search of a test points at: no real checkpoint on this machine
-# (fair-esm's torch hub, $ESMFLASH_WEIGHTS, the Hugging Face cache) can stand in for random weights.
-NO_WEIGHTS = tempfile.mkdtemp(prefix="esmflash-no-weights-")
-atexit.register(shutil.rmtree, NO_WEIGHTS, True)
 
 
 @pytest.fixture(autouse=True)
@@ -58,14 +52,6 @@ def _inference_mode():
 
 
 # ----------------------------------------------------------------------------- fixtures & helpers
-
-
-def hide_weights(mp: pytest.MonkeyPatch, folder: str | os.PathLike = NO_WEIGHTS) -> None:
-    """Point every place esmflash looks for weights at `folder` (empty unless a test fills it)."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        mp.delenv(var, raising=False)
-    for var in ("ESMFLASH_WEIGHTS", "TORCH_HOME", "HF_HOME", "XDG_CACHE_HOME"):
-        mp.setenv(var, str(folder))
 
 
 def _load(name: str, **kw):

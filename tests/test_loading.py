@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 
 import pytest
 import torch
@@ -28,7 +27,8 @@ from esmflash import (
 from esmflash.model import ESM2_ARCHITECTURES, PRECISIONS, find_checkpoint
 from esmflash.model.hf_weights import hf_config_kwargs
 from esmflash.model.loading import checkpoint_candidates, default_precision
-from test_engine import _load, hide_weights, random_protein
+from test_engine import _load, random_protein
+from testsupport import hide_weights
 
 NAME = "esm2_t6_8M_UR50D"
 HF_NAME = f"facebook/{NAME}"

@@ -20,19 +20,7 @@ from esmflash.pipeline import atomic as atomic_module
 from esmflash.pipeline import paths as paths_module
 from esmflash.pipeline.atomic import AtomicDirectory, AtomicFile
 from esmflash.pipeline.paths import LOCK_NAME, OutputLock, check_output_path, work_dir_for
-
-
-def snapshot(directory: Path) -> dict[str, tuple]:
-    """Every entry under `directory` (hidden ones too): type, size, mtime and content."""
-    state = {}
-    for root, dirs, files in os.walk(directory):
-        for name in dirs + files:
-            path = os.path.join(root, name)
-            st = os.lstat(path)
-            regular = stat.S_ISREG(st.st_mode)
-            state[os.path.relpath(path, directory)] = (st.st_mode, st.st_size, st.st_mtime_ns,
-                                                       Path(path).read_bytes() if regular else None)
-    return state
+from testsupport import snapshot
 
 
 def refused(out, *fragments: str, inputs=(), directory_output=False) -> str:

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import weakref
 import zipfile
 from pathlib import Path
@@ -23,24 +22,12 @@ from esmflash.errors import EsmflashError, FastaFormatError
 from esmflash.pipeline.formats import PtLabels, assemble, check_pt_label, format_for
 from esmflash.pipeline.paths import LOCK_NAME
 from esmflash.pipeline.store import UnitInfo, UnitResult, WorkStore, manifest_digest
+from testsupport import snapshot
 
 MANIFEST = {"input": "abc123", "model": "esm2_t6_8M_UR50D", "precision": "fp32", "repr_layers": [0, 6],
             "micro_batch_tokens": 16384, "units": [[0, 3], [3, 4], [7, 2]]}
 DIM = 8
 LAYERS = (0, 6)
-
-
-def snapshot(directory: Path) -> dict[str, tuple]:
-    """Every entry under `directory` (hidden ones too): type, size, mtime and content."""
-    state = {}
-    for root, dirs, files in os.walk(directory):
-        for name in dirs + files:
-            path = os.path.join(root, name)
-            st = os.lstat(path)
-            regular = stat.S_ISREG(st.st_mode)
-            state[os.path.relpath(path, directory)] = (st.st_mode, st.st_size, st.st_mtime_ns,
-                                                       Path(path).read_bytes() if regular else None)
-    return state
 
 
 def make_unit(number: int, first: int, count: int, bos=True, tokens=True, seed=0) -> UnitResult:

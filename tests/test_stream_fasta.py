@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 from esmflash.errors import (DuplicateIdError, EmptySequenceError, EsmflashError, FastaFormatError,
                              InvalidSequenceError)
 from esmflash.pipeline.fasta import FastaRecord, SeenIds, digest_records, open_fasta
+from testsupport import snapshot
 
 MANY = "".join(f">r{i} record {i}\nMKTAYIAKQRQISFVKSHFS\n" for i in range(300))
 TEXT = ">a first protein, split\nMKTAYIAKQR\nQISFVKSHFS\n\n>b\n  MV K \n>c desc\twith tab\nMKV*\n"
@@ -33,18 +33,6 @@ def write(tmp_path: Path, name: str, data: bytes | str) -> Path:
     path = tmp_path / name
     path.write_bytes(data.encode() if isinstance(data, str) else data)
     return path
-
-
-def snapshot(directory: Path) -> dict[str, tuple]:
-    """Every entry under `directory` (hidden ones too): type, size, mtime and content."""
-    state = {}
-    for root, dirs, files in os.walk(directory):
-        for name in dirs + files:
-            path = os.path.join(root, name)
-            st = os.lstat(path)
-            content = Path(path).read_bytes() if os.path.isfile(path) and not os.path.islink(path) else None
-            state[os.path.relpath(path, directory)] = (st.st_mode, st.st_size, st.st_mtime_ns, content)
-    return state
 
 
 def one_line_error(error: BaseException, *fragments: str) -> str:
