@@ -74,7 +74,7 @@ def commands(model: str, precision: str, fasta: Path, work: Path, hf_folder: Pat
 
 
 def read_cli_means(path: Path, records: list, layer: int, dim: int):
-    """(ids, means [N, dim]) of the CLI's .h5; RuntimeError unless they are the records', finite, in order."""
+    """The means [N, dim] of the CLI's .h5; RuntimeError unless they are the records', finite, in order."""
     import h5py
     import numpy as np
 
@@ -84,7 +84,7 @@ def read_cli_means(path: Path, records: list, layer: int, dim: int):
     if ids != [rid for rid, _ in records] or means.shape != (len(records), dim) or not np.isfinite(means).all():
         raise RuntimeError(f"CLI output {path}: {len(ids)} ids, mean_{layer} {means.shape}; expected "
                            f"{len(records)} x {dim}, finite, in input order")
-    return ids, means
+    return means
 
 
 def check_hf_output(path: Path, records: list, cli_means, precision: str) -> dict:
@@ -106,14 +106,13 @@ def check_hf_output(path: Path, records: list, cli_means, precision: str) -> dic
     return {"hf_output_shape": list(mean.shape), "min_cosine_hf_vs_cli": worst}
 
 
-def check_cli_output(path: Path, records: list, model) -> dict:
-    """The CLI's means of CHECKED_SEQUENCES records spread over the input against this process's
-    packed pass of the same model (cosine per sequence >= COSINE_MIN)."""
+def check_cli_output(means, records: list, model) -> dict:
+    """The CLI's means (read_cli_means) of CHECKED_SEQUENCES records spread over the input against
+    this process's packed pass of the same model (cosine per sequence >= COSINE_MIN)."""
     import torch
     from esmflash import pack_sequences, segment_mean
 
     layer = model.num_layers
-    _, means = read_cli_means(path, records, layer, model.embed_dim)
     picked = sorted({round(i * (len(records) - 1) / (CHECKED_SEQUENCES - 1)) for i in range(CHECKED_SEQUENCES)})
     sample = [records[i] for i in picked]
     ours = {}
@@ -164,7 +163,7 @@ def write_weights(model: str, tmp: Path) -> Weights:
     return Weights(folder, pt, hf, time.perf_counter() - start)
 
 
-def in_process(weights: Weights, precision: str, records: list, work: Path, stats: dict) -> dict:
+def in_process(weights: Weights, precision: str, records: list, cli_means, stats: dict) -> dict:
     """Step 3: the repeated-batch forward and the CLI output check, with the model the CLI ran
     (same file, precision and the engine's defaults, which must resolve alike)."""
     from esmflash import load_esm2_model
@@ -182,7 +181,7 @@ def in_process(weights: Weights, precision: str, records: list, work: Path, stat
     helpers.check_graphs(model)
     row = {"engine": engine, "weights_source": model.weights_source, "kernels": kernels,
            "forward_tokens_per_second": forward}
-    row.update(check_cli_output(work / "out.h5", records, model))
+    row.update(check_cli_output(cli_means, records, model))
     del model
     measure.free_memory()
     return row
@@ -206,10 +205,10 @@ def measure_combo(model: str, precision: str, fasta: Path, records: list, tokens
            "checkpoint_write_seconds": weights.write_seconds, "cli_command": " ".join(cli_cmd),
            "hf_command": " ".join(hf_cmd), "cli_stderr_tail": cli_tail, "hf_stderr_tail": hf_tail}
     layers, dim = ESM2_ARCHITECTURES[model][:2]
-    _, cli_means = read_cli_means(work / "out.h5", records, layers, dim)
+    cli_means = read_cli_means(work / "out.h5", records, layers, dim)
     row.update(check_hf_output(work / "hf.npz", records, cli_means, precision))
     with measure.stopwatch(f"embed {model} {precision}: forward and checks"):
-        row.update(in_process(weights, precision, records, work, stats))
+        row.update(in_process(weights, precision, records, cli_means, stats))
     return row
 
 
